@@ -1,0 +1,1 @@
+"""tfmq: TFMQ-DM post-training quantization for diffusers UNets."""
