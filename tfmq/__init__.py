@@ -1,1 +1,34 @@
-"""tfmq: TFMQ-DM post-training quantization for diffusers UNets."""
+"""tfmq: TFMQ-DM post-training quantization for diffusers UNets (simulated quantization).
+
+    >>> import tfmq
+    >>> calib = tfmq.capture_calibration_data(unet, scheduler, "calib/", num_samples=64, num_inference_steps=50)
+    >>> qunet = tfmq.quantize(unet, calib, tfmq.QuantConfig(method="tfmq", weight_bits=4, act_bits=8))
+    >>> tfmq.save(qunet, "qunet/"); qunet = tfmq.load("qunet/", fresh_fp_unet)
+"""
+__version__ = "0.1.0"
+
+from .config import ActReconConfig, CalibConfig, ConfigError, QuantConfig, ReconConfig, TiarConfig, parse_bits
+from .recipes import RECIPES, Recipe, get_recipe, register_recipe
+from .quantizer import UncalibratedTimestepError
+from .model import enable_inference, prepare_model, set_quant_state
+from .tib import TemporalInformationBlock, temporal_features
+from .api import calibrate_activations, quant_summary, quantize, reconstruct_blocks, reconstruct_temporal
+from .checkpoint import CheckpointMismatchError, load, read_header, save
+
+METHODS = tuple(RECIPES)
+
+__all__ = [
+    "ActReconConfig", "CalibConfig", "ConfigError", "QuantConfig", "ReconConfig", "TiarConfig", "parse_bits",
+    "RECIPES", "Recipe", "get_recipe", "register_recipe", "METHODS", "UncalibratedTimestepError",
+    "enable_inference", "prepare_model", "set_quant_state", "TemporalInformationBlock", "temporal_features",
+    "calibrate_activations", "quant_summary", "quantize", "reconstruct_blocks", "reconstruct_temporal",
+    "CheckpointMismatchError", "load", "read_header", "save", "CalibrationSet", "capture_calibration_data",
+]
+
+
+def __getattr__(name):  # calibration capture pulls in schedulers: import it on first use
+    if name in ("CalibrationSet", "capture_calibration_data"):
+        from . import calibration_data
+
+        return getattr(calibration_data, name)
+    raise AttributeError(f"module 'tfmq' has no attribute {name!r}")

@@ -1,0 +1,217 @@
+"""Quantization configuration: one validated dataclass per concern, paper values as defaults.
+
+`QuantConfig` is the single object a user passes to `tfmq.quantize` (torchao style). Every
+field has the value of the TFMQ-DM / Q-Diffusion papers as its default (spec sections 2-8);
+the embedded pipeline overrides the iteration counts from params.yaml. `from_dict` rejects
+unknown keys so that a typo in a params file fails loudly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+METHOD_NAMES = ("naive", "freeze", "ptq4dm", "qdiffusion", "tfmq")
+POLICIES = ("tfmq", "all")
+FSC_SCOPES = ("tib", "all")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it and says what is expected."""
+
+
+@dataclass
+class ReconConfig:
+    """BRECQ / AdaRound block reconstruction (spec sections 2 and 6)."""
+
+    iters: int = 20000  # paper: 20 000 per block
+    batch_size: int = 32  # paper: 32 (8 for Stable Diffusion)
+    lr: float = 1e-3  # Adam on AdaRound alpha
+    warmup: float = 0.2  # fraction of iterations with the rounding regulariser off
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    round_weight: float = 0.01  # w of the rounding regulariser
+
+    def validate(self, where: str) -> None:
+        _positive_int(self.iters, f"{where}.iters", allow_zero=True)
+        _positive_int(self.batch_size, f"{where}.batch_size")
+        _positive(self.lr, f"{where}.lr")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"{where}.warmup={self.warmup!r}: expected a fraction in [0, 1)")
+        _positive(self.beta_start, f"{where}.beta_start")
+        _positive(self.beta_end, f"{where}.beta_end")
+        if self.round_weight < 0:
+            raise ConfigError(f"{where}.round_weight={self.round_weight!r}: expected >= 0")
+
+
+@dataclass
+class TiarConfig:
+    """Temporal Information Aware Reconstruction (spec section 4); regulariser as in `recon`."""
+
+    iters: int = 20000
+    batch_size: int = 32
+    lr: float = 1e-3
+
+    def validate(self, where: str) -> None:
+        _positive_int(self.iters, f"{where}.iters", allow_zero=True)
+        _positive_int(self.batch_size, f"{where}.batch_size")
+        _positive(self.lr, f"{where}.lr")
+
+
+@dataclass
+class ActReconConfig:
+    """Q-Diffusion's activation step-size learning (spec section 8)."""
+
+    iters: int = 5000
+    batch_size: int = 32
+    lr: float = 4e-4  # Adam, cosine to 0
+    p: float = 2.4  # loss |.|^p
+
+    def validate(self, where: str) -> None:
+        _positive_int(self.iters, f"{where}.iters", allow_zero=True)
+        _positive_int(self.batch_size, f"{where}.batch_size")
+        _positive(self.lr, f"{where}.lr")
+        _positive(self.p, f"{where}.p")
+
+
+@dataclass
+class CalibConfig:
+    """Which calibration rows each step uses (spec sections 5 and 7)."""
+
+    every_k: int = 10  # weight/TIAR/BRECQ set: every k-th sampler step ...
+    n_per_step: int = 256  # ... with this many rows each (paper: 256 -> 5 120 rows)
+    fsc_n_per_step: int | None = None  # FSC rows per step (None: all recorded rows)
+    fsc_batch_size: int = 16
+    fsc_momentum: float = 0.95
+    ptq4dm_n_total: int | None = None  # PTQ4DM NDTC rows (None: same count as the every-k set)
+    ptq4dm_mean_frac: float = 0.75  # normal over step index, mean at 75 % of the trajectory (small t)
+    ptq4dm_std_frac: float = 0.25
+
+    def validate(self, where: str) -> None:
+        _positive_int(self.every_k, f"{where}.every_k")
+        _positive_int(self.n_per_step, f"{where}.n_per_step")
+        if self.fsc_n_per_step is not None:
+            _positive_int(self.fsc_n_per_step, f"{where}.fsc_n_per_step")
+        _positive_int(self.fsc_batch_size, f"{where}.fsc_batch_size")
+        if not 0.0 <= self.fsc_momentum < 1.0:
+            raise ConfigError(f"{where}.fsc_momentum={self.fsc_momentum!r}: expected a value in [0, 1)")
+        if self.ptq4dm_n_total is not None:
+            _positive_int(self.ptq4dm_n_total, f"{where}.ptq4dm_n_total")
+        if not 0.0 <= self.ptq4dm_mean_frac <= 1.0:
+            raise ConfigError(f"{where}.ptq4dm_mean_frac={self.ptq4dm_mean_frac!r}: expected a fraction in [0, 1]")
+        _positive(self.ptq4dm_std_frac, f"{where}.ptq4dm_std_frac")
+
+
+_NESTED = {"recon": ReconConfig, "tiar_recon": TiarConfig, "act_recon": ActReconConfig, "calib": CalibConfig}
+
+
+@dataclass
+class QuantConfig:
+    """Everything that defines one quantization run.
+
+    Args:
+        method: recipe name, one of ``naive``, ``freeze``, ``ptq4dm``, ``qdiffusion``, ``tfmq``.
+        weight_bits: weight bit-width (per output channel, asymmetric), 2..8.
+        act_bits: activation bit-width (per tensor, asymmetric), or ``None`` for weight-only (W*A32).
+        policy: which layers stay float: ``tfmq`` (released TFMQ code) or ``all`` (Q-Diffusion:
+            every Conv2d/Linear). ``None`` takes the method's default.
+        attention_matmul: also quantize q, k, v and the softmax output (Q-Diffusion). ``None``:
+            method default.
+        split_shortcut: Q-Diffusion's split quantizers for up-block ``conv_shortcut``. ``None``:
+            method default.
+        tiar: run TIAR (only meaningful for ``tfmq``; the ablation switch).
+        fsc: per-timestep activation ranges (only for ``tfmq``; the ablation switch).
+        fsc_scope: ``tib`` (paper) or ``all`` (released code and its author).
+        cached_temporal_features: replace the TIB at inference by a table of FP temporal features
+            per calibrated timestep (the TPAMI extension's cache-based maintenance).
+        seed: seed for every random choice of the run.
+    """
+
+    method: str = "tfmq"
+    weight_bits: int = 4
+    act_bits: int | None = 8
+    policy: str | None = None
+    attention_matmul: bool | None = None
+    split_shortcut: bool | None = None
+    tiar: bool = True
+    fsc: bool = True
+    fsc_scope: str = "all"
+    cached_temporal_features: bool = False
+    seed: int = 0
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    tiar_recon: TiarConfig = field(default_factory=TiarConfig)
+    act_recon: ActReconConfig = field(default_factory=ActReconConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        for name, cls in _NESTED.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _build(cls, value, name))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHOD_NAMES:
+            raise ConfigError(f"method={self.method!r} is not a known recipe; expected one of {', '.join(METHOD_NAMES)}")
+        if not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 8:
+            raise ConfigError(f"weight_bits={self.weight_bits!r}: expected an integer in 2..8")
+        if self.act_bits is not None and (not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 16):
+            raise ConfigError(f"act_bits={self.act_bits!r}: expected an integer in 2..16, or null for weight-only")
+        if self.policy is not None and self.policy not in POLICIES:
+            raise ConfigError(f"policy={self.policy!r}: expected one of {', '.join(POLICIES)} (or null for the method default)")
+        if self.fsc_scope not in FSC_SCOPES:
+            raise ConfigError(f"fsc_scope={self.fsc_scope!r}: expected one of {', '.join(FSC_SCOPES)}")
+        for name in ("tiar", "fsc", "cached_temporal_features"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false")
+        for name in _NESTED:
+            getattr(self, name).validate(name)
+
+    @property
+    def bits_name(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits if self.act_bits is not None else 32}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        """Build from a plain dict (e.g. a params.yaml section); unknown keys are an error."""
+        return _build(cls, dict(d), "quant")
+
+
+def parse_bits(name: str) -> tuple[int, int | None]:
+    """``"W4A8" -> (4, 8)``; ``"W4A32"`` (or ``"W4A16"`` and up) means weight-only -> ``(4, None)``."""
+    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", str(name).strip())
+    if not m:
+        raise ConfigError(f"bits={name!r}: expected the form W<weight bits>A<activation bits>, e.g. W4A8 or W4A32")
+    w, a = int(m.group(1)), int(m.group(2))
+    return w, (None if a >= 32 else a)
+
+
+def _build(cls, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in d.items():
+        if k in _NESTED and cls is QuantConfig and isinstance(v, dict):
+            v = _build(_NESTED[k], v, f"{where}.{k}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _positive_int(v: Any, where: str, allow_zero: bool = False) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
+        raise ConfigError(f"{where}={v!r}: expected an integer >= {0 if allow_zero else 1}")
+
+
+def _positive(v: Any, where: str) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{where}={v!r}: expected a positive number")

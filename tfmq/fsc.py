@@ -1,0 +1,92 @@
+"""Activation range calibration: Finite Set Calibration (spec section 5) and shared ranges.
+
+FSC keeps one (scale, zero point) per sampler timestep: for each t, that step's calibration
+rows are shuffled and forwarded in mini-batches of 16 with the whole model in quantized mode
+(later layers see quantized inputs); each quantizer keeps an EMA (momentum 0.95) of the batch
+min/max. The baselines use one shared range: plain min-max (naive) or EMA min-max.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .model import act_quantizers, quant_layers, set_quant_state
+from .quantizer import ActQuantizer
+from .reconstruction import Batch, batches, num_rows
+
+
+def _enable_only(unet: nn.Module, active: list[ActQuantizer]) -> None:
+    """Enable the quantizers being calibrated plus every one already calibrated."""
+    ids = {id(q) for q in active}
+    for _, q in act_quantizers(unet):
+        q.enabled = id(q) in ids or q.mode != "uncalibrated"
+
+
+def temporal_act_quantizers(unet: nn.Module) -> list[ActQuantizer]:
+    """Activation quantizers of the Temporal Information Block (inputs of its Linears)."""
+    return [q for _, l in quant_layers(unet) if l.temporal and l.aq is not None for q in l.aq]
+
+
+def calibrate_shared_ranges(
+    unet: nn.Module,
+    data: Batch,
+    quantizers: list[ActQuantizer],
+    batch_size: int,
+    momentum: float | None,
+    device,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One range per quantizer over all ``data`` rows (shuffled): EMA, or min-max if momentum is None."""
+    t0 = time.perf_counter()
+    set_quant_state(unet, weight=True, act=False)
+    _enable_only(unet, quantizers)
+    for q in quantizers:
+        q.start_observing(momentum)
+    order = torch.randperm(num_rows(data), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for b in tqdm(list(batches(data, batch_size, device, order)), desc="activation ranges", disable=not progress, leave=False):
+            unet(**b)
+    for q in quantizers:
+        q.commit_shared()
+    return {"quantizers": len(quantizers), "rows": num_rows(data), "momentum": momentum, "seconds": time.perf_counter() - t0}
+
+
+def finite_set_calibration(
+    unet: nn.Module,
+    steps: list[tuple[int, Batch]],
+    quantizers: list[ActQuantizer],
+    batch_size: int = 16,
+    momentum: float = 0.95,
+    device=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Per-timestep EMA min-max tables for ``quantizers``; ``steps`` = [(t, rows of that step)]."""
+    t0 = time.perf_counter()
+    set_quant_state(unet, weight=True, act=False)
+    _enable_only(unet, quantizers)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t, rows in tqdm(steps, desc="FSC timesteps", disable=not progress):
+            for q in quantizers:
+                q.start_observing(momentum)
+            order = torch.randperm(num_rows(rows), generator=gen)
+            for b in batches(rows, batch_size, device, order):
+                unet(**b)
+            for q in quantizers:
+                q.commit_timestep(int(t))
+    for q in quantizers:
+        q.commit_table()
+    return {
+        "quantizers": len(quantizers),
+        "timesteps": [int(t) for t, _ in steps],
+        "rows_per_step": num_rows(steps[0][1]) if steps else 0,
+        "momentum": momentum,
+        "batch_size": batch_size,
+        "seconds": time.perf_counter() - t0,
+    }

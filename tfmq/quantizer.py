@@ -1,0 +1,302 @@
+"""Uniform affine quantizers, the weight clipping search, AdaRound and per-timestep tables.
+
+Spec section 2 (quantizers shared by TFMQ-DM and every baseline) and section 5 (the
+per-timestep activation table of Finite Set Calibration). Everything here is *simulated*
+(fake) quantization: values are rounded onto the integer grid and mapped back to float, so
+the numerics of a low-bit model are exact while no integer kernel is used.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GAMMA, ZETA = -0.1, 1.1  # AdaRound's stretch of the rectified sigmoid
+MIN_SCALE = 1e-8
+
+
+class UncalibratedTimestepError(KeyError):
+    """The UNet was called at a timestep that Finite Set Calibration never saw."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it one readable line
+        return str(self.args[0])
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """``s * (clamp(round(x / s) + z, 0, 2^b - 1) - z)`` with a straight-through round."""
+    x_int = torch.clamp(round_ste(x / scale) + zero_point, 0, 2**n_bits - 1)
+    return (x_int - zero_point) * scale
+
+
+def minmax_qparams(x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max parameters with 0 forced into the range (spec sections 2 and 5)."""
+    x_min = torch.clamp(torch.as_tensor(x_min, dtype=torch.float32), max=0.0)
+    x_max = torch.clamp(torch.as_tensor(x_max, dtype=torch.float32), min=0.0)
+    scale = torch.clamp((x_max - x_min) / (2**n_bits - 1), min=MIN_SCALE)
+    zero_point = torch.round(-x_min / scale)
+    return scale, zero_point
+
+
+def mse_clip_search(
+    w: torch.Tensor, n_bits: int, n_candidates: int = 80, p: float = 2.4, step: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel scale and zero point by the clipping search of spec section 2.
+
+    Candidates ``i = 0..n_candidates-1`` clip the channel's ``[min, max]`` to ``(1 - step * i)``
+    of itself; the one with the lowest mean ``|x_hat - x|^p`` wins (first one on ties).
+
+    Args:
+        w: weight, output channels on dim 0, any trailing shape.
+    Returns:
+        ``(scale, zero_point)``, each shaped ``[C, 1, ..., 1]`` to broadcast against ``w``.
+    """
+    flat = w.detach().reshape(w.shape[0], -1).float()
+    w_min, w_max = flat.min(dim=1).values, flat.max(dim=1).values
+    levels = 2**n_bits - 1
+    best_score = torch.full_like(w_min, float("inf"))
+    best_scale = torch.ones_like(w_min)
+    best_zp = torch.zeros_like(w_min)
+    for i in range(n_candidates):
+        c_min, c_max = w_min * (1.0 - step * i), w_max * (1.0 - step * i)
+        scale = torch.clamp((c_max - c_min) / levels, min=MIN_SCALE)
+        zp = torch.round(-c_min / scale)
+        x_hat = (torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], 0, levels) - zp[:, None]) * scale[:, None]
+        score = (x_hat - flat).abs().pow(p).mean(dim=1)
+        better = score < best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    shape = (w.shape[0],) + (1,) * (w.dim() - 1)
+    return best_scale.reshape(shape), best_zp.reshape(shape)
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel asymmetric weight quantizer with nearest or AdaRound rounding.
+
+    Modes: ``nearest`` (round-to-nearest on the float weight), ``adaround`` (learned rounding
+    ``floor(W/s) + h(alpha)``; soft while optimising, hard ``alpha >= 0`` after), ``int`` (the
+    final integer grid is stored in ``w_int``; the float weight is no longer read).
+    """
+
+    def __init__(self, weight: torch.Tensor, n_bits: int, init: bool = True):
+        super().__init__()
+        self.n_bits = n_bits
+        shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+        if init:
+            scale, zp = mse_clip_search(weight, n_bits)
+        else:
+            scale, zp = torch.ones(shape), torch.zeros(shape)
+        self.register_buffer("scale", scale.to(weight.device))
+        self.register_buffer("zero_point", zp.to(weight.device))
+        self.mode = "nearest"
+        self.soft = False
+        self.alpha: nn.Parameter | None = None
+        self.w_int: torch.Tensor | None = None
+
+    # --- AdaRound -------------------------------------------------------------------------
+    def init_adaround(self, weight: torch.Tensor) -> None:
+        """Start learned rounding with h(alpha) equal to the fractional part of ``W / s``."""
+        w_s = weight.detach() / self.scale
+        rest = w_s - torch.floor(w_s)
+        alpha = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+        self.alpha = nn.Parameter(alpha)
+        self.mode, self.soft = "adaround", True
+
+    def h(self) -> torch.Tensor:
+        assert self.alpha is not None
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def round_regularizer(self, beta: float) -> torch.Tensor:
+        """``sum(1 - |2h - 1|^beta)``: pushes every h(alpha) to 0 or 1."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    def harden(self) -> None:
+        """End optimisation: rounding becomes ``1[alpha >= 0]``."""
+        self.soft = False
+
+    # --- integer grid ---------------------------------------------------------------------
+    def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The clamped integer grid ``clamp(W_int + z, 0, 2^b - 1)`` as float values."""
+        if self.mode == "int":
+            assert self.w_int is not None
+            return self.w_int.to(self.scale.dtype)
+        w_s = weight / self.scale
+        if self.mode == "nearest":
+            w_int = torch.round(w_s)
+        else:
+            rounding = self.h() if self.soft else (self.alpha >= 0).to(weight.dtype)
+            w_int = torch.floor(w_s.detach()) + rounding
+        return torch.clamp(w_int + self.zero_point, 0, 2**self.n_bits - 1)
+
+    def finalize(self, weight: torch.Tensor) -> None:
+        """Freeze the grid: store ``w_int`` (uint8) and drop alpha; outputs do not change."""
+        if self.mode == "int":
+            return
+        with torch.no_grad():
+            q = self.integer_weight(weight.detach())
+        self.alpha, self.soft, self.mode = None, False, "int"
+        self.w_int = q.to(torch.uint8)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return (self.integer_weight(weight) - self.zero_point) * self.scale
+
+
+class TimestepContext:
+    """The timestep(s) of the UNet call in progress, set by a pre-forward hook on the UNet."""
+
+    def __init__(self) -> None:
+        self.timesteps: torch.Tensor | None = None  # int64 [B]
+        self.class_labels: torch.Tensor | None = None
+
+    def uniform_timestep(self) -> int | None:
+        t = self.timesteps
+        if t is None or t.numel() == 0:
+            return None
+        first = int(t[0])
+        return first if bool((t == first).all()) else None
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor asymmetric activation quantizer: one range, or one range per timestep (FSC).
+
+    In ``shared`` mode it holds one (scale, zero point). In ``table`` mode it holds ``[T]``
+    tensors keyed by the scheduler's integer timestep and selects the row(s) of the current UNet
+    call from the ``TimestepContext``; an uncalibrated timestep raises. While ``observing``, it
+    tracks the (EMA) min/max of what flows through it and quantizes with the running estimate,
+    so later layers see quantized inputs (sequential calibration, spec section 5).
+    """
+
+    def __init__(self, n_bits: int, ctx: TimestepContext, unsigned: bool = False):
+        super().__init__()
+        self.n_bits = n_bits
+        self.ctx = ctx
+        self.unsigned = unsigned  # softmax output: zero point fixed at 0
+        self.enabled = False
+        self.mode = "uncalibrated"
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.register_buffer("table_timesteps", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("table_scale", torch.zeros(0))
+        self.register_buffer("table_zero_point", torch.zeros(0))
+        self._lookup: dict[int, int] | None = None
+        # observer state
+        self.observing = False
+        self.momentum: float | None = None
+        self.running_min: torch.Tensor | None = None
+        self.running_max: torch.Tensor | None = None
+        self._pending: dict[int, tuple[float, float]] = {}
+
+    # --- calibration ----------------------------------------------------------------------
+    def start_observing(self, momentum: float | None) -> None:
+        self.observing, self.momentum = True, momentum
+        self.running_min = self.running_max = None
+
+    def _qparams(self, x_min: torch.Tensor, x_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.unsigned:
+            scale = torch.clamp(torch.clamp(x_max, min=0.0) / (2**self.n_bits - 1), min=MIN_SCALE)
+            return scale, torch.zeros_like(scale)
+        return minmax_qparams(x_min, x_max, self.n_bits)
+
+    def _observe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b_min, b_max = x.detach().min().float(), x.detach().max().float()
+        if self.running_min is None:
+            self.running_min, self.running_max = b_min, b_max
+        elif self.momentum is None:  # plain min-max over everything seen
+            self.running_min = torch.minimum(self.running_min, b_min)
+            self.running_max = torch.maximum(self.running_max, b_max)
+        else:  # EMA of the batch min/max
+            m = self.momentum
+            self.running_min = m * self.running_min + (1 - m) * b_min
+            self.running_max = m * self.running_max + (1 - m) * b_max
+        return self._qparams(self.running_min, self.running_max)
+
+    def commit_shared(self) -> None:
+        """Turn the observed range into the one shared (scale, zero point)."""
+        if self.running_min is None:
+            return  # never executed (e.g. a branch the model does not take)
+        s, z = self._qparams(self.running_min, self.running_max)
+        with torch.no_grad():
+            self.scale.data = s.to(self.scale.device)
+            self.zero_point.data = z.to(self.zero_point.device)
+        self.mode, self.observing = "shared", False
+
+    def commit_timestep(self, t: int) -> None:
+        """Store the observed range as the entry of timestep ``t`` and reset the observer."""
+        if self.running_min is not None:
+            s, z = self._qparams(self.running_min, self.running_max)
+            self._pending[int(t)] = (float(s), float(z))
+        self.running_min = self.running_max = None
+
+    def commit_table(self) -> None:
+        """Build the ``[T]`` table from every committed timestep."""
+        self.observing = False
+        if not self._pending:
+            return
+        ts = sorted(self._pending)
+        dev = self.zero_point.device
+        self.table_timesteps = torch.tensor(ts, dtype=torch.int64, device=dev)
+        self.table_scale = torch.tensor([self._pending[t][0] for t in ts], device=dev)
+        self.table_zero_point = torch.tensor([self._pending[t][1] for t in ts], device=dev)
+        self._pending, self._lookup = {}, None
+        self.mode = "table"
+
+    # --- inference ------------------------------------------------------------------------
+    def _table_index(self, t: int) -> int:
+        if self._lookup is None:
+            self._lookup = {int(v): i for i, v in enumerate(self.table_timesteps.tolist())}
+        try:
+            return self._lookup[t]
+        except KeyError:
+            ts = sorted(self._lookup)
+            raise UncalibratedTimestepError(
+                f"timestep {t} was never calibrated by Finite Set Calibration (calibrated: {len(ts)} timesteps "
+                f"from {ts[0]} to {ts[-1]}); sample with the scheduler and step count used for calibration"
+            ) from None
+
+    def current_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode != "table":
+            return self.scale, self.zero_point
+        ts = self.ctx.timesteps
+        if ts is None:
+            raise UncalibratedTimestepError(
+                "a per-timestep activation quantizer ran outside a UNet forward (no timestep known); call the UNet itself"
+            )
+        t0 = self.ctx.uniform_timestep()
+        if t0 is not None:
+            i = self._table_index(t0)
+            return self.table_scale[i], self.table_zero_point[i]
+        idx = torch.tensor([self._table_index(int(t)) for t in ts.tolist()], device=x.device)
+        rep = x.shape[0] // ts.shape[0]
+        if rep * ts.shape[0] != x.shape[0]:
+            raise RuntimeError(f"cannot align a batch of {x.shape[0]} rows with {ts.shape[0]} timesteps")
+        idx = idx.repeat_interleave(rep)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        return self.table_scale[idx].reshape(shape), self.table_zero_point[idx].reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.observing:
+            s, z = self._observe(x)
+            return fake_quant(x, s.to(x.device), z.to(x.device), self.n_bits)
+        if self.mode == "uncalibrated":
+            raise RuntimeError("activation quantizer is enabled but was never calibrated; run calibrate_activations")
+        s, z = self.current_qparams(x)
+        return fake_quant(x, s, z, self.n_bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.n_bits}, mode={self.mode}, unsigned={self.unsigned}"
+
+
+def beta_schedule(step: int, iters: int, warmup: float, beta_start: float, beta_end: float) -> float | None:
+    """AdaRound's beta: ``None`` (regulariser off) during warm-up, then linear start -> end."""
+    start = warmup * iters
+    if step < start:
+        return None
+    frac = (step - start) / max(iters - start, 1)
+    return beta_end + (beta_start - beta_end) * max(0.0, 1.0 - frac)
+

@@ -1,0 +1,412 @@
+"""Reconstruction engine: TIAR (spec section 4), BRECQ blocks (section 6), layer units, and
+Q-Diffusion's activation step-size learning (section 8).
+
+Every unit is reconstructed from cached tensors: its FP output (target) and its input taken
+from the already weight-quantized model in front of it (so a resnet receives h^q(t)). Caching
+runs the calibration rows through the UNet only up to the unit (a forward hook stops the
+pass), so the optimisation loop never runs a forward pass it does not need.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+
+from .config import ActReconConfig, ReconConfig, TiarConfig
+from .layers import QuantLayer
+from .model import example_inputs, quant_layers, set_quant_state
+from .quantizer import ActQuantizer, beta_schedule
+from .tib import TemporalInformationBlock
+
+Batch = dict[str, torch.Tensor]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Unit:
+    """One reconstruction unit: a block (resnet, attention, transformer block) or a lone layer."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "block" | "layer"
+
+    def layers(self) -> list[QuantLayer]:
+        if isinstance(self.module, QuantLayer):
+            return [self.module]
+        return [m for m in self.module.modules() if isinstance(m, QuantLayer)]
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        return [m for m in self.module.modules() if isinstance(m, ActQuantizer)]
+
+
+# --------------------------------------------------------------------------------------------
+# data helpers
+def num_rows(data: Batch) -> int:
+    return int(data["sample"].shape[0])
+
+
+def batches(data: Batch, batch_size: int, device, order: torch.Tensor | None = None):
+    n = num_rows(data)
+    order = torch.arange(n) if order is None else order
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        yield {k: (v[idx].to(device) if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
+
+
+def _take(obj: Any, idx: torch.Tensor, n: int) -> Any:
+    if isinstance(obj, torch.Tensor) and obj.dim() > 0 and obj.shape[0] == n:
+        return obj[idx]
+    if isinstance(obj, tuple):
+        return tuple(_take(o, idx, n) for o in obj)
+    if isinstance(obj, list):
+        return [_take(o, idx, n) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _take(v, idx, n) for k, v in obj.items()}
+    return obj
+
+
+def _cat(items: list[Any]) -> Any:
+    first = items[0]
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        return torch.cat(items, dim=0)
+    if isinstance(first, tuple):
+        return tuple(_cat([it[i] for it in items]) for i in range(len(first)))
+    if isinstance(first, list):
+        return [_cat([it[i] for it in items]) for i in range(len(first))]
+    if isinstance(first, dict):
+        return {k: _cat([it[k] for it in items]) for k in first}
+    return first
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detach(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+def _main_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "sample"):
+        return out.sample
+    raise TypeError(f"cannot reconstruct a unit that returns {type(out).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# units
+def discover_units(unet: nn.Module, skip_layers: set[str] = frozenset()) -> list[Unit]:
+    """Reconstruction units in execution order (found by one dry forward pass).
+
+    Blocks: every ResnetBlock2D, every BasicTransformerBlock, every Attention outside one.
+    Layers: every quantized layer outside those blocks (``conv_in``, sampler convs, ``proj_in``...),
+    except those named in ``skip_layers`` (e.g. the TIB's, reconstructed by TIAR).
+    """
+    candidates: dict[str, tuple[nn.Module, str]] = {}
+    block_names: list[str] = []
+    for name, m in unet.named_modules():
+        if isinstance(m, (ResnetBlock2D, BasicTransformerBlock)) or (
+            isinstance(m, Attention) and not any(name.startswith(b + ".") for b in block_names)
+        ):
+            block_names.append(name)
+            candidates[name] = (m, "block")
+    for name, m in quant_layers(unet):
+        if name in skip_layers or any(name.startswith(b + ".") for b in block_names):
+            continue
+        candidates[name] = (m, "layer")
+    order: list[str] = []
+    handles = []
+    for name, (m, _) in candidates.items():
+        handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None))
+    try:
+        with torch.no_grad():
+            unet(**example_inputs(unet))
+    finally:
+        for h in handles:
+            h.remove()
+    units = [Unit(n, *candidates[n]) for n in order]
+    return [u for u in units if u.layers() or u.act_quantizers()]
+
+
+def capture_unit_io(
+    unet: nn.Module,
+    unit: nn.Module,
+    data: Batch,
+    batch_size: int,
+    device,
+    want_input: bool,
+    want_output: bool,
+) -> tuple[Any, torch.Tensor | None]:
+    """Run ``data`` through ``unet`` (in its current quant state) up to ``unit``; keep its I/O."""
+    ins: list[Any] = []
+    outs: list[torch.Tensor] = []
+
+    def pre(m, args, kwargs):
+        if want_input:
+            ins.append((_detach(args), _detach(kwargs)))
+        if not want_output:
+            raise _StopForward
+
+    def post(m, args, kwargs, out):
+        outs.append(_main_output(out).detach())
+        raise _StopForward
+
+    h1 = unit.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = unit.register_forward_hook(post, with_kwargs=True) if want_output else None
+    try:
+        with torch.no_grad():
+            for b in batches(data, batch_size, device):
+                try:
+                    unet(**b)
+                except _StopForward:
+                    pass
+    finally:
+        h1.remove()
+        if h2 is not None:
+            h2.remove()
+    if (want_input and not ins) or (want_output and not outs):
+        raise RuntimeError("the reconstruction unit was not executed by the UNet forward; cannot cache its inputs")
+    return (_cat(ins) if want_input else None), (torch.cat(outs) if want_output else None)
+
+
+def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """``|pred - target|^p`` summed over dim 1, mean over the rest (the official codes' reduction)."""
+    return (pred - target).abs().pow(p).sum(1).mean()
+
+
+def _optimize(
+    step_fn: Callable[[torch.Tensor], torch.Tensor],
+    n_rows: int,
+    params: list[nn.Parameter],
+    iters: int,
+    batch_size: int,
+    lr: float,
+    reg_fn: Callable[[int], torch.Tensor | None] | None,
+    desc: str,
+    progress: bool,
+    cosine: bool = False,
+    seed: int = 0,
+) -> dict[str, float]:
+    if iters == 0 or not params:
+        return {"iters": 0}
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0) if cosine else None
+    gen = torch.Generator().manual_seed(seed)
+    first = last = float("nan")
+    bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False)
+    with torch.enable_grad():
+        for step in bar:
+            idx = torch.randperm(n_rows, generator=gen)[:batch_size]
+            rec = step_fn(idx)
+            reg = reg_fn(step) if reg_fn is not None else None
+            loss = rec if reg is None else rec + reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            if step == 0:
+                first = float(rec.detach())
+            if step % 50 == 0 or step == iters - 1:
+                last = float(rec.detach())
+                bar.set_postfix(rec=f"{last:.4g}")
+    return {"iters": iters, "rec_loss_first": first, "rec_loss_last": last}
+
+
+def _regularizer(layers: list[QuantLayer], cfg: ReconConfig, iters: int) -> Callable[[int], torch.Tensor | None]:
+    def reg(step: int):
+        beta = beta_schedule(step, iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+        if beta is None or cfg.round_weight == 0:
+            return None
+        return cfg.round_weight * sum(l.round_regularizer(beta) for l in layers)
+
+    return reg
+
+
+# --------------------------------------------------------------------------------------------
+# TIAR
+def tiar(
+    unet: nn.Module,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    cfg: TiarConfig,
+    reg_cfg: ReconConfig,
+    device,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Temporal Information Aware Reconstruction: AdaRound on the TIB against FP temporal features.
+
+    ``L = sum_i ||g_i(h(t)) - g^q_i(h^q(t))||^2`` (sum over channels, mean over the batch) plus the
+    rounding regulariser over the TIB's quantized Linears. Weight-only. Afterwards every TIB layer
+    is hard-rounded and frozen.
+    """
+    tib = TemporalInformationBlock(unet)
+    names = set(tib.layer_names())
+    layers = [l for n, l in quant_layers(unet) if n in names]
+    t = timesteps.to(device)
+    c = None if class_labels is None else class_labels.to(device)
+    set_quant_state(unet, weight=False, act=False)
+    with torch.no_grad():
+        targets = [f.detach() for f in tib.features(t, c)]
+    set_quant_state(unet, weight=True, act=False)
+    for l in layers:
+        l.init_adaround()
+    params = [p for l in layers for p in l.adaround_parameters()]
+
+    def step_fn(idx):
+        feats = tib.features(t[idx], None if c is None else c[idx])
+        return sum(lp_loss(f, tgt[idx]) for f, tgt in zip(feats, targets))
+
+    t0 = time.perf_counter()
+    stats = _optimize(
+        step_fn, len(t), params, cfg.iters, cfg.batch_size, cfg.lr, _regularizer(layers, reg_cfg, cfg.iters),
+        "TIAR", progress, seed=seed,
+    )
+    for l in layers:
+        l.finalize()
+    with torch.no_grad():
+        final = float(sum(lp_loss(f, tgt) for f, tgt in zip(tib.features(t, c), targets)))
+    stats.update(loss_final=final, rows=len(t), layers=len(layers), seconds=time.perf_counter() - t0)
+    return stats
+
+
+def round_temporal_to_nearest(unet: nn.Module) -> int:
+    """Freeze the TIB's quantized layers at round-to-nearest (the poster's 'Freeze' / naive)."""
+    names = set(TemporalInformationBlock(unet).layer_names())
+    n = 0
+    for name, l in quant_layers(unet):
+        if name in names:
+            l.finalize()
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# BRECQ
+def reconstruct_units(
+    unet: nn.Module,
+    data: Batch,
+    cfg: ReconConfig,
+    device,
+    frozen: set[str] = frozenset(),
+    skip_layers: set[str] = frozenset(),
+    capture_batch_size: int = 64,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """BRECQ over every unit in execution order; layers named in ``frozen`` keep their grid."""
+    units = discover_units(unet, skip_layers=skip_layers)
+    per_unit = {}
+    t0 = time.perf_counter()
+    n = num_rows(data)
+    for ui, unit in enumerate(tqdm(units, desc="BRECQ units", disable=not progress)):
+        layers = [l for l in unit.layers() if l.name not in frozen and not l.finalized]
+        if not layers:
+            continue
+        set_quant_state(unet, weight=False, act=False)
+        _, target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, False, True)
+        set_quant_state(unet, weight=True, act=False)
+        (args, kwargs), _ = capture_unit_io(unet, unit.module, data, capture_batch_size, device, True, False)
+        for l in layers:
+            l.init_adaround()
+        params = [p for l in layers for p in l.adaround_parameters()]
+
+        def step_fn(idx, unit=unit, args=args, kwargs=kwargs, target=target):
+            out = _main_output(unit.module(*_take(args, idx, n), **_take(kwargs, idx, n)))
+            return lp_loss(out, target[idx])
+
+        u0 = time.perf_counter()
+        stats = _optimize(
+            step_fn, n, params, cfg.iters, cfg.batch_size, cfg.lr, _regularizer(layers, cfg, cfg.iters),
+            f"{unit.name}", progress, seed=seed + ui,
+        )
+        for l in layers:
+            l.finalize()
+        stats["seconds"] = time.perf_counter() - u0
+        per_unit[unit.name] = stats
+        del args, kwargs, target
+    # anything left (a quantized layer no unit executed) is rounded to nearest
+    for _, l in quant_layers(unet):
+        if not l.finalized:
+            l.finalize()
+    set_quant_state(unet, weight=True, act=False)
+    return {"units": per_unit, "num_units": len(per_unit), "rows": n, "seconds": time.perf_counter() - t0}
+
+
+def finalize_all_nearest(unet: nn.Module) -> int:
+    n = 0
+    for _, l in quant_layers(unet):
+        if not l.finalized:
+            l.finalize()
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Q-Diffusion activation step sizes
+def learn_activation_steps(
+    unet: nn.Module,
+    data: Batch,
+    cfg: ActReconConfig,
+    device,
+    capture_batch_size: int = 64,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per unit, learn the shared activation step sizes (Adam, cosine to 0, ``|.|^p`` loss).
+
+    Inputs and targets both come from the FP model (Q-Diffusion's activation stage); weights
+    keep their final grid; zero points stay fixed.
+    """
+    units = discover_units(unet)
+    n = num_rows(data)
+    per_unit = {}
+    t0 = time.perf_counter()
+    for ui, unit in enumerate(tqdm(units, desc="activation step sizes", disable=not progress)):
+        qs = [q for q in unit.act_quantizers() if q.mode == "shared"]
+        if not qs:
+            continue
+        set_quant_state(unet, weight=False, act=False)
+        (args, kwargs), target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, True, True)
+        set_quant_state(unet, weight=True, act=True)
+        for q in qs:
+            q.scale.requires_grad_(True)
+
+        def step_fn(idx, unit=unit, args=args, kwargs=kwargs, target=target):
+            out = _main_output(unit.module(*_take(args, idx, n), **_take(kwargs, idx, n)))
+            return lp_loss(out, target[idx], p=cfg.p)
+
+        stats = _optimize(
+            step_fn, n, [q.scale for q in qs], cfg.iters, cfg.batch_size, cfg.lr, None, f"act {unit.name}", progress,
+            cosine=True, seed=seed + ui,
+        )
+        for q in qs:
+            q.scale.requires_grad_(False)
+            with torch.no_grad():
+                q.scale.clamp_(min=1e-8)
+        per_unit[unit.name] = stats
+    set_quant_state(unet, weight=True, act=True)
+    return {"units": per_unit, "seconds": time.perf_counter() - t0}
+
+
+def mean_temporal_cos(fp_feats: list[torch.Tensor], q_feats: list[torch.Tensor]) -> float:
+    """Mean over (t, i) of ``1 - cos(emb_{t,i}, emb^q_{t,i})`` (the TIAR objective's proxy)."""
+    errs = [1 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1) for a, b in zip(fp_feats, q_feats)]
+    return float(torch.stack(errs).mean())
+

@@ -1,0 +1,178 @@
+"""Temporal Information Block (spec section 3): a view over the UNet's t-only modules.
+
+``emb_{t,i} = g_i(h(t))``: ``h`` = ``time_proj`` -> ``time_embedding`` (+ the class embedding of
+class-conditional models), ``g_i`` = ``time_emb_proj(nonlinearity(.))`` of the i-th
+``ResnetBlock2D`` in down / mid / up order. The modules stay where they are; the UNet's forward
+is unchanged. Works for ``UNet2DModel`` and ``UNet2DConditionModel``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from diffusers.models.resnet import ResnetBlock2D
+
+
+def resnets_in_order(unet: nn.Module) -> list[tuple[str, ResnetBlock2D]]:
+    """Every ResnetBlock2D with a temporal projection, in down -> mid -> up order."""
+    out = []
+    for prefix in ("down_blocks", "mid_block", "up_blocks"):
+        part = getattr(unet, prefix, None)
+        if part is None:
+            continue
+        for name, m in part.named_modules():
+            if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None:
+                out.append((f"{prefix}.{name}" if name else prefix, m))
+    return out
+
+
+class TemporalInformationBlock:
+    """``h`` and every ``g_i`` of one UNet, computed without running the image path."""
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        cfg = unet.config
+        if getattr(cfg, "addition_embed_type", None):
+            raise NotImplementedError(
+                f"addition_embed_type={cfg.addition_embed_type!r} (e.g. SDXL) makes the time embedding depend on the "
+                "prompt, so it is no longer a finite temporal block; only UNets without an addition embedding are supported"
+            )
+        self.resnets = resnets_in_order(unet)
+        if not self.resnets:
+            raise ValueError("the UNet has no ResnetBlock2D with a time_emb_proj: no temporal information block to build")
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.resnets]
+
+    def layer_names(self) -> list[str]:
+        """Names of the TIB's Linear layers (``time_embedding.*`` then every ``time_emb_proj``)."""
+        return ["time_embedding.linear_1", "time_embedding.linear_2"] + [f"{n}.time_emb_proj" for n in self.names]
+
+    def embedding(self, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``h(t)`` (+ class embedding), as the UNet computes it before its first block."""
+        unet = self.unet
+        dtype = next(unet.parameters()).dtype
+        t_emb = unet.time_proj(timesteps).to(dtype)
+        try:
+            emb = unet.time_embedding(t_emb)
+        except TypeError:
+            emb = unet.time_embedding(t_emb, None)
+        class_embedding = getattr(unet, "class_embedding", None)
+        if class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("this UNet is class-conditional: pass class_labels with the timesteps")
+            labels = class_labels
+            if unet.config.class_embed_type == "timestep":
+                labels = unet.time_proj(labels).to(dtype)
+            class_emb = class_embedding(labels).to(dtype)
+            if getattr(unet.config, "class_embeddings_concat", False):
+                emb = torch.cat([emb, class_emb], dim=-1)
+            else:
+                emb = emb + class_emb
+        act = getattr(unet, "time_embed_act", None)
+        if act is not None:
+            emb = act(emb)
+        return emb
+
+    def features(self, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``[emb_{t,1}, ..., emb_{t,n}]``, each ``[B, C_i]`` (the ``time_emb_proj`` outputs)."""
+        emb = self.embedding(timesteps, class_labels)
+        feats = []
+        for _, r in self.resnets:
+            temb = emb if r.skip_time_act else r.nonlinearity(emb)
+            feats.append(r.time_emb_proj(temb))
+        return feats
+
+
+def temporal_features(
+    unet: nn.Module, timesteps, class_labels: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """The temporal features ``emb_{t,i}`` of ``unet`` (FP or quantized, as it stands) for ``timesteps``.
+
+    Args:
+        timesteps: int sequence or int64 tensor ``[B]``.
+        class_labels: ``[B]`` for class-conditional UNets.
+    Returns:
+        list over resnets (down/mid/up order) of ``[B, C_i]`` tensors.
+    """
+    device = next(unet.parameters()).device
+    t = torch.as_tensor(timesteps, dtype=torch.int64, device=device).reshape(-1)
+    c = None if class_labels is None else class_labels.to(device)
+    state = getattr(unet, "_tfmq", None)
+    if state is not None:  # per-timestep quantizers and the feature cache read the current t
+        state.ctx.timesteps, state.ctx.class_labels = t, c
+    with torch.no_grad():
+        return TemporalInformationBlock(unet).features(t, c)
+
+
+class TemporalFeatureCache(nn.Module):
+    """Cache-based temporal feature maintenance (the TPAMI extension of TFMQ-DM).
+
+    Because ``emb_{t,i}`` depends on t (and the class) alone, the FP features of every calibrated
+    timestep are stored and returned by each ``time_emb_proj`` instead of computing them, so the
+    quantized TIB's error vanishes at the cost of a ``[T, K, C_i]`` table per resnet.
+    """
+
+    def __init__(self, timesteps: torch.Tensor, classes: torch.Tensor | None, features: list[torch.Tensor], names: list[str]):
+        super().__init__()
+        self.names = names
+        self.register_buffer("timesteps", timesteps)
+        self.register_buffer("classes", classes if classes is not None else torch.zeros(0, dtype=torch.int64))
+        for i, f in enumerate(features):
+            self.register_buffer(f"feature_{i}", f)
+
+    def lookup(self, i: int, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        from .quantizer import UncalibratedTimestepError
+
+        feats = getattr(self, f"feature_{i}")
+        ti = torch.searchsorted(self.timesteps, t)
+        ti = ti.clamp(max=len(self.timesteps) - 1)
+        if not bool((self.timesteps[ti] == t).all()):
+            bad = sorted(set(t[self.timesteps[ti] != t].tolist()))
+            raise UncalibratedTimestepError(f"timestep(s) {bad[:5]} are not in the temporal feature cache")
+        if self.classes.numel() == 0:
+            return feats[ti, 0]
+        if c is None:
+            raise ValueError("this temporal feature cache is per class: the UNet call needs class_labels")
+        ci = torch.searchsorted(self.classes, c).clamp(max=len(self.classes) - 1)
+        if not bool((self.classes[ci] == c).all()):
+            raise UncalibratedTimestepError(f"class label(s) {sorted(set(c.tolist()))[:5]} are not in the temporal feature cache")
+        return feats[ti, ci]
+
+
+def _attach_cache(unet: nn.Module, cache: TemporalFeatureCache) -> None:
+    from .model import get_state
+
+    state = get_state(unet)
+    for h in state.cache_hooks:
+        h.remove()
+    state.cache_hooks = []
+    unet.add_module("tfmq_feature_cache", cache)
+    for i, name in enumerate(cache.names):
+        module = unet.get_submodule(name)
+
+        def hook(m, args, out, i=i):
+            return cache.lookup(i, state.ctx.timesteps, state.ctx.class_labels).to(out.dtype)
+
+        state.cache_hooks.append(module.register_forward_hook(hook))
+
+
+def install_feature_cache(unet: nn.Module, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> dict:
+    """Compute FP ``emb_{t,i}`` for the finite set and serve them from a cache at inference."""
+    from .model import get_state, set_quant_state
+
+    state = get_state(unet)
+    tib = TemporalInformationBlock(unet)
+    device = next(unet.parameters()).device
+    ts = torch.unique(timesteps).to(device)
+    classes = None if class_labels is None else torch.unique(class_labels).to(device)
+    k = 1 if classes is None else len(classes)
+    set_quant_state(unet, weight=False, act=False)
+    with torch.no_grad():
+        t_grid = ts.repeat_interleave(k)
+        c_grid = None if classes is None else classes.repeat(len(ts))
+        state.ctx.timesteps, state.ctx.class_labels = t_grid, c_grid
+        feats = [f.reshape(len(ts), k, -1).clone() for f in tib.features(t_grid, c_grid)]
+    names = [f"{n}.time_emb_proj" for n in tib.names]
+    _attach_cache(unet, TemporalFeatureCache(ts, classes, feats, names))
+    return {"timesteps": len(ts), "classes": k, "resnets": len(names)}
