@@ -1,0 +1,231 @@
+"""Train the FP DDPM that the embedded pipeline quantizes (issue 3: no pretrained weights exist offline).
+
+Epsilon-prediction DDPM training (Ho et al. 2020) with the CPU recipe measured in
+docs/offline_assets.md section 4: AdamW lr 1e-3 with a linear warm-up, random batches of 64,
+EMA 0.999 with warm-up; the EMA weights are what gets saved and later quantized.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from tfmq.data import to_model_range
+from tfmq.io import atomic_dir, atomic_write_json
+from tfmq.models import build_unet
+from tfmq.sampling import make_scheduler, sample, save_grid
+
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+@dataclass
+class TrainConfig:
+    """Every training hyper-parameter with its default and unit; validated on construction.
+
+    Attributes:
+        steps: optimizer steps (the recipe: ~3 000-3 500 at batch 64 for recognisable Fashion-MNIST).
+        batch_size: images per step, drawn uniformly at random with replacement across steps.
+        lr: AdamW peak learning rate, reached linearly over ``warmup_steps`` steps, then constant.
+        weight_decay, betas: AdamW (torch defaults).
+        grad_clip: max global gradient L2 norm (0 disables).
+        ema_decay: EMA decay cap; the decay at update k is ``min(ema_decay, (1 + k) / (10 + k))``.
+        seed: seeds the weight init, batch indices, noise and timesteps (one CPU generator).
+        num_train_timesteps, beta_schedule, beta_start, beta_end: the DDPM forward process.
+        class_conditional: add ``num_class_embeds=10`` and feed ``class_labels``.
+        unet: extra ``build_unet`` overrides (UNet2DModel constructor keys).
+        log_every: steps per point of the loss curve (mean loss over that window).
+        sample_every: write a progress grid every N steps to ``progress/`` (0 = only the final grid).
+        num_sample_images: final grid size, unconditional (class-conditional: 8 per class, 10 rows).
+        sample_steps: DDIM steps for the grids (eta 0, from the EMA weights).
+        save_raw_weights: also save the non-EMA weights to ``unet_raw/`` (for comparisons and tests).
+    """
+
+    steps: int = 3500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    class_conditional: bool = False
+    unet: dict[str, Any] = field(default_factory=dict)
+    log_every: int = 50
+    sample_every: int = 0
+    num_sample_images: int = 64
+    sample_steps: int = 50
+    save_raw_weights: bool = False
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_train_timesteps", "log_every", "num_sample_images", "sample_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "sample_every"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0 (0 disables)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr={self.lr} must be a positive finite number, e.g. 1e-3")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.999")
+        if self.beta_schedule not in _BETA_SCHEDULES:
+            raise ValueError(f"TrainConfig.beta_schedule={self.beta_schedule!r}; expected one of {_BETA_SCHEDULES}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"TrainConfig betas ({self.beta_start}, {self.beta_end}) need 0 < beta_start < beta_end < 1")
+        self.betas = tuple(float(b) for b in self.betas)
+        self.unet = dict(self.unet)
+
+    def unet_config(self) -> dict[str, Any]:
+        """The ``build_unet`` overrides this config implies."""
+        cfg = dict(self.unet)
+        if self.class_conditional:
+            cfg.setdefault("num_class_embeds", 10)
+        return cfg
+
+
+def _grid_labels(cfg: TrainConfig, num_classes: int) -> tuple[int, torch.Tensor | None]:
+    if not cfg.class_conditional:
+        return cfg.num_sample_images, None
+    labels = torch.arange(num_classes).repeat_interleave(8)  # row r of the 8-wide grid = class r
+    return labels.numel(), labels
+
+
+def _write_grid(unet: torch.nn.Module, noise_sched: DDPMScheduler, cfg: TrainConfig, path: Path, device: str) -> None:
+    n, labels = _grid_labels(cfg, int(unet.config.num_class_embeds or 10))
+    ddim = make_scheduler("ddim", noise_sched.config)
+    images = sample(unet, ddim, n, cfg.sample_steps, batch_size=n, seed=cfg.seed, class_labels=labels,
+                    device=device, progress=False)
+    save_grid(images, path, nrow=8, scale=2)
+
+
+def train_ddpm(
+    train_images_uint8: torch.Tensor,
+    train_labels: torch.Tensor | None,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train an epsilon-prediction DDPM and write a self-describing diffusers checkpoint.
+
+    Args:
+        train_images_uint8: uint8 [N, 28, 28] (or [N, 1, H, W]) training images.
+        train_labels: int64 [N] in 0..9; required when ``cfg.class_conditional``.
+        cfg: the hyper-parameters.
+        out_dir: replaced as a whole at the end (built in a temp dir): ``unet/`` (EMA weights,
+            safetensors), ``scheduler/`` (DDPMScheduler), ``train_log.json``, ``samples.png``
+            (DDIM grid from the EMA weights), optionally ``unet_raw/`` and ``progress/``.
+        device: torch device for training.
+        progress: tqdm bar with the running loss.
+
+    Returns:
+        The train log dict (also written to ``train_log.json``): loss curve, final loss, wall seconds, ...
+
+    Example:
+        >>> d = load_fashion_mnist()
+        >>> train_ddpm(d["train_images"], d["train_labels"], TrainConfig(steps=3500), "models/fashion_ddpm")
+    """
+    images = train_images_uint8 if train_images_uint8.dim() == 4 else train_images_uint8.unsqueeze(1)
+    if images.dtype != torch.uint8:
+        raise ValueError(f"train_images_uint8 has dtype {images.dtype}, expected uint8 (use the raw dataset tensor)")
+    n = images.shape[0]
+    if cfg.class_conditional:
+        if train_labels is None or train_labels.shape != (n,):
+            got = None if train_labels is None else tuple(train_labels.shape)
+            raise ValueError(f"class_conditional training needs train_labels of shape ({n},), got {got}")
+        train_labels = train_labels.to(torch.int64)
+
+    unet = build_unet({"sample_size": images.shape[-1], "in_channels": images.shape[1],
+                       "out_channels": images.shape[1], **cfg.unet_config()}, seed=cfg.seed).to(device).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                                beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    warm = max(cfg.warmup_steps, 1)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm))
+    params, ema_params = list(unet.parameters()), list(ema.parameters())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_params = sum(p.numel() for p in params)
+
+    curve, window, all_losses = [], [], []
+    with atomic_dir(out_dir) as tmp:
+        bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not progress, mininterval=2.0)
+        t0 = time.perf_counter()
+        for step in bar:
+            idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+            x0 = to_model_range(images[idx]).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)
+            xt = noise_sched.add_noise(x0, noise, t)
+            labels = train_labels[idx].to(device) if cfg.class_conditional else None
+            loss = F.mse_loss(unet(xt, t.to(device), class_labels=labels).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            lr_sched.step()
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema_params, params):
+                    pe.lerp_(p, 1.0 - decay)
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {step}; lower TrainConfig.lr (now {cfg.lr})")
+            window.append(value)
+            all_losses.append(value)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                point = {"step": step, "loss": sum(window) / len(window), "lr": opt.param_groups[0]["lr"],
+                         "wall_s": round(time.perf_counter() - t0, 2)}
+                curve.append(point)
+                window = []
+                bar.set_postfix(loss=f"{point['loss']:.4f}")
+                if progress:
+                    tqdm.write(f"step {step}/{cfg.steps} loss {point['loss']:.4f} wall {point['wall_s']:.0f}s")
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+                _write_grid(ema, noise_sched, cfg, tmp / "progress" / f"samples_step{step:06d}.png", device)
+        train_wall = time.perf_counter() - t0
+        bar.close()
+
+        ema.save_pretrained(tmp / "unet", safe_serialization=True)
+        if cfg.save_raw_weights:
+            unet.save_pretrained(tmp / "unet_raw", safe_serialization=True)
+        noise_sched.save_pretrained(tmp / "scheduler")
+        t1 = time.perf_counter()
+        _write_grid(ema, noise_sched, cfg, tmp / "samples.png", device)
+        tail = all_losses[-min(100, len(all_losses)):]
+        log = {
+            "config": dataclasses.asdict(cfg),
+            "loss_curve": curve,
+            "final_loss": sum(tail) / len(tail),
+            "final_loss_window": len(tail),
+            "steps": cfg.steps,
+            "wall_seconds": round(train_wall, 2),
+            "seconds_per_step": round(train_wall / cfg.steps, 4),
+            "sample_grid_seconds": round(time.perf_counter() - t1, 2),
+            "num_params": n_params,
+            "num_train_images": n,
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+            "torch_version": torch.__version__,
+            "diffusers_version": diffusers.__version__,
+            "weights": "EMA",
+        }
+        atomic_write_json(log, tmp / "train_log.json")
+    return log
