@@ -63,10 +63,12 @@ def _activation_mode(state) -> str:
     return mode
 
 
-def tiar_inputs(calib) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The finite set TIAR is fitted on: every sampler timestep (x every class seen, if any)."""
+def tiar_inputs(calib, every_k: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The finite set TIAR is fitted on: every (k-th) sampler timestep x every class seen, if any."""
     ts, cs = [], []
     for i, t in enumerate(calib.timesteps):
+        if i % every_k:
+            continue
         labels = calib.load_step(i).get("class_labels")
         if labels is None:
             ts.append(int(t))
@@ -95,7 +97,8 @@ def reconstruct_temporal(unet: nn.Module, calib, config: QuantConfig | None = No
     mode = _temporal_mode(state)
     t0 = time.perf_counter()
     if mode == "tiar":
-        t, c = tiar_inputs(calib)
+        k = state.config.calib.every_k if state.config.tiar_timesteps == "weight_set" else 1
+        t, c = tiar_inputs(calib, k)
         stats = tiar(unet, t, c, state.config.tiar_recon, state.config.recon, dev, progress, seed=state.config.seed)
     elif mode == "nearest":
         stats = {"rounded_to_nearest": round_temporal_to_nearest(unet)}

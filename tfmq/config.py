@@ -124,6 +124,8 @@ class QuantConfig:
         tiar: run TIAR (only meaningful for ``tfmq``; the ablation switch).
         fsc: per-timestep activation ranges (only for ``tfmq``; the ablation switch).
         fsc_scope: ``tib`` (paper) or ``all`` (released code and its author).
+        tiar_timesteps: ``all`` (every sampler timestep once: the finite set of the paper) or
+            ``weight_set`` (the every-k-th-step subset of the released code).
         cached_temporal_features: replace the TIB at inference by a table of FP temporal features
             per calibrated timestep (the TPAMI extension's cache-based maintenance).
         seed: seed for every random choice of the run.
@@ -138,6 +140,7 @@ class QuantConfig:
     tiar: bool = True
     fsc: bool = True
     fsc_scope: str = "all"
+    tiar_timesteps: str = "all"
     cached_temporal_features: bool = False
     seed: int = 0
     recon: ReconConfig = field(default_factory=ReconConfig)
@@ -164,6 +167,8 @@ class QuantConfig:
             raise ConfigError(f"policy={self.policy!r}: expected one of {', '.join(POLICIES)} (or null for the method default)")
         if self.fsc_scope not in FSC_SCOPES:
             raise ConfigError(f"fsc_scope={self.fsc_scope!r}: expected one of {', '.join(FSC_SCOPES)}")
+        if self.tiar_timesteps not in ("all", "weight_set"):
+            raise ConfigError(f"tiar_timesteps={self.tiar_timesteps!r}: expected 'all' or 'weight_set'")
         for name in ("tiar", "fsc", "cached_temporal_features"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false")
