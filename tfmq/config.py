@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
-METHOD_NAMES = ("naive", "freeze", "ptq4dm", "qdiffusion", "tfmq")
 POLICIES = ("tfmq", "all")
 FSC_SCOPES = ("tib", "all")
 
@@ -112,7 +111,8 @@ class QuantConfig:
     """Everything that defines one quantization run.
 
     Args:
-        method: recipe name, one of ``naive``, ``freeze``, ``ptq4dm``, ``qdiffusion``, ``tfmq``.
+        method: recipe name: ``naive``, ``brecq``, ``freeze``, ``ptq4dm``, ``qdiffusion``, ``tfmq`` or
+            one added with ``tfmq.register_recipe``.
         weight_bits: weight bit-width (per output channel, asymmetric), 2..8.
         act_bits: activation bit-width (per tensor, asymmetric), or ``None`` for weight-only (W*A32).
         policy: which layers stay float: ``tfmq`` (released TFMQ code) or ``all`` (Q-Diffusion:
@@ -157,8 +157,10 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.method not in METHOD_NAMES:
-            raise ConfigError(f"method={self.method!r} is not a known recipe; expected one of {', '.join(METHOD_NAMES)}")
+        from .recipes import RECIPES
+
+        if self.method not in RECIPES:
+            raise ConfigError(f"method={self.method!r} is not a registered recipe; expected one of {', '.join(RECIPES)}")
         if not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 8:
             raise ConfigError(f"weight_bits={self.weight_bits!r}: expected an integer in 2..8")
         if self.act_bits is not None and (not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 16):

@@ -57,6 +57,11 @@ register_recipe(Recipe(
     description="RTN: MSE-initialised weights rounded to nearest, one min-max activation range",
 ))
 register_recipe(Recipe(
+    "brecq", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="joint",
+    weight_set="every_k", block_recon=True, activations="ema",
+    description="BRECQ with the temporal layers optimised inside their blocks (the ablation baseline of the paper)",
+))
+register_recipe(Recipe(
     "freeze", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="nearest",
     weight_set="every_k", block_recon=True, activations="ema",
     description="BRECQ with the temporal layers frozen and rounded to nearest (the poster's 'Freeze')",
