@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200, help="iterations per reconstruction unit (TIAR, BRECQ, act steps)")
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps of the calibration trajectories")
     ap.add_argument("--samples", type=int, default=32, help="calibration trajectories")
-    ap.add_argument("--methods", default=",".join(tfmq.METHODS))
+    ap.add_argument("--methods", default=",".join(tfmq.METHODS) + ",tfmq:tiar=false,tfmq:fsc=false",
+                    help="comma list; 'tfmq:tiar=false' switches a config field off for an ablation row")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -65,10 +66,12 @@ def main() -> None:
         with torch.no_grad():
             ref = fp(**held_out).sample
         rows = []
-        for method in args.methods.split(","):
+        for spec in args.methods.split(","):
+            method, *switches = spec.split(":")
+            extra = {k: v.lower() == "true" for k, v in (sw.split("=") for sw in switches)}
             unet = load()
             cfg = tfmq.QuantConfig(
-                method=method, weight_bits=w_bits, act_bits=a_bits,
+                method=method, weight_bits=w_bits, act_bits=a_bits, **extra,
                 recon={"iters": args.iters, "batch_size": 32},
                 tiar_recon={"iters": args.iters, "batch_size": 32},
                 act_recon={"iters": args.iters, "batch_size": 32},
@@ -84,7 +87,7 @@ def main() -> None:
             with torch.no_grad():
                 out = unet(**held_out).sample
             cos_out = float(torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0))
-            rows.append((method, times, mean_temporal_cos(fp_feats, q_feats), cos_out))
+            rows.append((spec, times, mean_temporal_cos(fp_feats, q_feats), cos_out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
