@@ -1,0 +1,167 @@
+"""``tfmq``: the one command line entry point (dvc.yaml stages, people, and the scheduler call it).
+
+    tfmq check                                   # validate params.yaml
+    tfmq quantize --method tfmq --bits W4A8      # TIAR -> BRECQ -> FSC, checkpoint under quant/
+    tfmq evaluate --method tfmq --bits W4A8      # samples, FID/sFID/KID/IS, temporal analyses, MLflow
+    tfmq evaluate --fp                           # the FP model's row of the table
+    tfmq run --method tfmq --bits W4A8           # quantize + evaluate (the quantize_and_evaluate flow)
+    tfmq compare                                 # the whole grid in ONE process, then the table
+    tfmq report                                  # results/results.md from the metrics files
+
+Every command takes ``--config params.yaml`` and ``--no-prefect`` (plain functions, no Prefect server).
+Invalid params are one error line and exit code 2, before anything heavy is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+_T0 = time.time()
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil is optional; fall back to module import time
+        return _T0
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--no-prefect", action="store_true",
+                   help="run the task bodies as plain functions: no Prefect server, no flow runs in the UI")
+    return p
+
+
+def _setting(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--method", required=required, help="naive | freeze | ptq4dm | qdiffusion | tfmq (default: quant.method)")
+    p.add_argument("--bits", required=required, help="W8A8 | W4A8 | W4A32 | W<w>A<a> (default: quant.weight_bits/act_bits)")
+    p.add_argument("--name", default=None, help="output name under quant/ and results/ (default: <method>-<bits>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="tfmq", description="TFMQ-DM post-training quantization pipeline")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("check", parents=[common], help="validate params.yaml and exit")
+    sub.add_parser("prepare-data", parents=[common], help="verify the IDX dataset and snapshot it (data.path)")
+    p = sub.add_parser("train", parents=[common], help="train the FP DDPM (train_fp / train_fp_class)")
+    p.add_argument("--class-conditional", action="store_true", help="train the train_fp_class model")
+    sub.add_parser("train-classifier", parents=[common], help="train the domain-IS classifier")
+    sub.add_parser("reference-stats", parents=[common], help="feature statistics of the reference split")
+    sub.add_parser("calib-data", parents=[common], help="record calibration trajectories of the FP model")
+    _setting(sub.add_parser("quantize", parents=[common], help="quantize one setting (3 stages)"))
+    p = sub.add_parser("evaluate", parents=[common], help="evaluate one setting (or --fp) and log it to MLflow")
+    _setting(p)
+    p.add_argument("--fp", action="store_true", help="evaluate the FP model instead of a quantized one")
+    _setting(sub.add_parser("run", parents=[common], help="quantize + evaluate one setting"))
+    p = sub.add_parser("compare", parents=[common], help="quantize + evaluate a grid in one process, then report")
+    p.add_argument("--methods", nargs="+", default=None, help="default: grid.methods")
+    p.add_argument("--bits", nargs="+", default=None, help="default: grid.bits")
+    p.add_argument("--rebuild", action="store_true", help="re-run upstream stages even when their outputs exist")
+    sub.add_parser("report", parents=[common], help="write and print the results table")
+    p = sub.add_parser("repro", parents=[common], help="run `dvc repro` inside a Prefect flow (what the schedule runs)")
+    p.add_argument("targets", nargs="*", help="dvc stage names (default: all)")
+    p.add_argument("--force", action="store_true")
+    return parser
+
+
+def _resolve_setting(args: argparse.Namespace, params: dict[str, Any]) -> tuple[str, str]:
+    from flows.params import default_bits
+
+    method = args.method or params["quant"]["method"]
+    bits = args.bits or default_bits(params)
+    from tfmq.config import parse_bits
+
+    parse_bits(bits)
+    return method, bits
+
+
+def _dispatch(args: argparse.Namespace, params: dict[str, Any]) -> Any:
+    from flows import pipeline, stages
+
+    cfg = args.config
+    rf: Callable[..., Any] = stages.run_flow
+    cmd = args.command
+    if cmd == "prepare-data":
+        return rf(stages.prepare_data_flow, cfg)
+    if cmd == "train":
+        return rf(stages.train_fp_flow, "train_fp_class" if args.class_conditional else "train_fp", cfg)
+    if cmd == "train-classifier":
+        return rf(stages.train_classifier_flow, cfg)
+    if cmd == "reference-stats":
+        return rf(stages.reference_stats_flow, cfg)
+    if cmd == "calib-data":
+        return rf(stages.calib_data_flow, cfg)
+    if cmd == "quantize":
+        method, bits = _resolve_setting(args, params)
+        return rf(stages.quantize_flow, method, bits, cfg, args.name)
+    if cmd == "evaluate":
+        if args.fp:
+            return rf(stages.evaluate_flow, "fp", "FP32", cfg, args.name)
+        method, bits = _resolve_setting(args, params)
+        return rf(stages.evaluate_flow, method, bits, cfg, args.name)
+    if cmd == "run":
+        method, bits = _resolve_setting(args, params)
+        return rf(pipeline.quantize_and_evaluate, method, bits, cfg, args.name)
+    if cmd == "compare":
+        return rf(pipeline.compare, args.methods, args.bits, cfg, args.rebuild)
+    if cmd == "report":
+        return rf(stages.report_flow, cfg)
+    if cmd == "repro":
+        return rf(pipeline.repro, args.targets, args.force)
+    raise AssertionError(cmd)
+
+
+def _log_timing(args: argparse.Namespace, wall: float) -> None:
+    """Append process vs compute seconds to ``TFMQ_TIMINGS_LOG`` (how orchestration overhead is measured)."""
+    path = os.environ.get("TFMQ_TIMINGS_LOG")
+    if not path:
+        return
+    from tasks.common import COMPUTE_TIMES
+
+    rec = {"command": args.command, "argv": sys.argv[1:], "dvc_stage": os.environ.get("DVC_STAGE", ""),
+           "process_s": round(time.time() - _process_start(), 3), "main_s": round(wall, 3),
+           "compute_s": round(sum(COMPUTE_TIMES.values()), 3),
+           "compute": {k: round(v, 3) for k, v in COMPUTE_TIMES.items()}, "prefect": not args.no_prefect}
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flows.params import ParamsError, load_params
+
+    try:
+        params = load_params(args.config)
+    except ParamsError as e:
+        print(f"tfmq: error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        print(f"{args.config}: OK")
+        return 0
+    from flows.stages import PLAIN
+
+    PLAIN.set(bool(args.no_prefect))
+    t0 = time.time()
+    try:
+        result = _dispatch(args, params)
+    except (ParamsError, ValueError, FileNotFoundError) as e:
+        print(f"tfmq: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ParamsError) else 1
+    finally:
+        _log_timing(args, time.time() - t0)
+    if isinstance(result, str):
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

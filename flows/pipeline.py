@@ -1,0 +1,85 @@
+"""Composed flows: one setting end to end, the method x bits comparison, and the scheduled ``dvc repro``.
+
+``compare`` runs the whole grid in ONE process (one Prefect server connection, one torch import),
+for users without DVC; ``repro`` is what the cron deployment runs: DVC decides which stages are
+stale and each stage reports its own flow run to the same Prefect server (PREFECT_API_URL is
+inherited by the stage processes).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from flows.params import load_params, setting_name
+from flows.stages import (
+    calib_data_flow,
+    evaluate_flow,
+    prepare_data_flow,
+    quantize_flow,
+    reference_stats_flow,
+    report_flow,
+    run_flow,
+    train_classifier_flow,
+    train_fp_flow,
+)
+from tasks.common import logger, pipeline_task
+
+
+@flow(name="quantize-and-evaluate", flow_run_name="{method}-{bits}")
+def quantize_and_evaluate(method: str, bits: str, config: str = "params.yaml", name: str | None = None) -> str:
+    """Quantize one (method, bits) setting and evaluate it; returns its metrics.json path."""
+    run_flow(quantize_flow, method, bits, config, name)
+    return run_flow(evaluate_flow, method, bits, config, name)
+
+
+def _missing(path: str) -> bool:
+    p = Path(path)
+    return not p.exists() or (p.is_dir() and not any(p.iterdir()))
+
+
+@flow(name="compare")
+def compare(methods: list[str] | None = None, bits: list[str] | None = None, config: str = "params.yaml",
+            rebuild: bool = False) -> str:
+    """The method x bits grid plus the FP row, then the results table; upstream outputs are built when missing."""
+    params = load_params(config)
+    methods = methods or params["grid"]["methods"]
+    bits = bits or params["grid"]["bits"]
+    upstream = [
+        (params["data"]["path"], prepare_data_flow, ()),
+        (params["model"]["fp_dir"], train_fp_flow, ("train_fp",)),
+        (params["classifier"]["path"], train_classifier_flow, ()),
+        (params["reference"]["path"], reference_stats_flow, ()),
+        (params["calib_data"]["out_dir"], calib_data_flow, ()),
+    ]
+    for out, flow_, args in upstream:
+        if rebuild or _missing(out):
+            run_flow(flow_, *args, config)
+    run_flow(evaluate_flow, "fp", "FP32", config)
+    for b in bits:
+        for m in methods:
+            logger().info("setting %s", setting_name(m, b))
+            run_flow(quantize_and_evaluate, m, b, config)
+    return run_flow(report_flow, config)
+
+
+@pipeline_task
+def dvc_repro(targets: list[str], force: bool, cwd: str) -> int:
+    """Run ``dvc repro`` (stage output streams to this log); fail the task when DVC fails."""
+    cmd = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *targets]
+    logger().info("%s (in %s)", " ".join(cmd), cwd)
+    rc = subprocess.run(cmd, cwd=cwd, env=os.environ.copy()).returncode
+    if rc != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with {rc}")
+    return rc
+
+
+@flow(name="tfmq-repro")
+def repro(targets: list[str] | None = None, force: bool = False, repo: str | None = None) -> int:
+    """``dvc repro`` of the pipeline (all stages by default): the scheduled rebuild of every result."""
+    from flows.stages import call
+
+    return call(dvc_repro, list(targets or []), force, repo or os.getcwd())

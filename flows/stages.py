@@ -1,0 +1,104 @@
+"""One Prefect flow per DVC stage: what ``dvc repro`` runs, and what the composed flows reuse.
+
+Each flow reads params.yaml, calls its tasks in order and passes file paths between them. With
+``plain=True`` (CLI ``--no-prefect``) the same task bodies run as plain functions, with no Prefect
+server at all: the library's path for users who want neither DVC nor Prefect.
+"""
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.params import load_params, setting_name
+from tasks import data as data_tasks
+from tasks import evaluate as eval_tasks
+from tasks import quantize as quant_tasks
+from tasks import report as report_tasks
+from tasks import reference as ref_tasks
+from tasks import train as train_tasks
+from tasks.tracking import log_run
+
+PLAIN = contextvars.ContextVar("tfmq_plain", default=False)
+
+
+def call(task_, *args: Any, **kwargs: Any) -> Any:
+    """Run a task through Prefect (a task run in the UI) or, in plain mode, as its bare function."""
+    if PLAIN.get():
+        return task_.fn(*args, **kwargs)
+    return task_(*args, **kwargs)
+
+
+def run_flow(flow_, *args: Any, **kwargs: Any) -> Any:
+    """Call a flow (or, in plain mode, its bare function) - subflows of composed flows use this too."""
+    if PLAIN.get():
+        return flow_.fn(*args, **kwargs)
+    return flow_(*args, **kwargs)
+
+
+def setting_dirs(params: dict[str, Any], name: str) -> tuple[str, str]:
+    """``(quant/<name>, results/<name>)``: where a setting's checkpoints and results go."""
+    return str(Path(params["quant_out"]["dir"]) / name), str(Path(params["eval"]["out_dir"]) / name)
+
+
+@flow(name="prepare-data")
+def prepare_data_flow(config: str = "params.yaml") -> str:
+    return call(data_tasks.prepare_data, load_params(config))
+
+
+@flow(name="train-fp")
+def train_fp_flow(section: str = "train_fp", config: str = "params.yaml") -> str:
+    return call(train_tasks.train_fp, load_params(config), section)
+
+
+@flow(name="train-classifier")
+def train_classifier_flow(config: str = "params.yaml") -> str:
+    return call(train_tasks.train_classifier, load_params(config))
+
+
+@flow(name="reference-stats")
+def reference_stats_flow(config: str = "params.yaml") -> str:
+    return call(ref_tasks.reference_stats, load_params(config))
+
+
+@flow(name="calib-data")
+def calib_data_flow(config: str = "params.yaml") -> str:
+    return call(quant_tasks.calib_data, load_params(config))
+
+
+@flow(name="quantize", flow_run_name="quantize-{method}-{bits}")
+def quantize_flow(method: str, bits: str, config: str = "params.yaml", name: str | None = None) -> str:
+    """TIAR -> block reconstruction -> activation calibration; returns the final checkpoint path."""
+    params = load_params(config)
+    quant_dir, _ = setting_dirs(params, name or setting_name(method, bits))
+    tib = call(quant_tasks.recon_tib, params, method, bits, quant_dir)
+    blocks = call(quant_tasks.recon_blocks, params, method, bits, quant_dir, tib)
+    return call(quant_tasks.calibrate_activations, params, method, bits, quant_dir, blocks)
+
+
+@flow(name="evaluate", flow_run_name="evaluate-{method}-{bits}")
+def evaluate_flow(method: str = "fp", bits: str = "FP32", config: str = "params.yaml", name: str | None = None) -> str:
+    """Samples + metrics + temporal analyses of one setting (``method="fp"``: the FP model), then MLflow."""
+    params = load_params(config)
+    fp = method == "fp"
+    name = name or ("fp" if fp else setting_name(method, bits))
+    quant_dir, results_dir = setting_dirs(params, name)
+    checkpoint = None if fp else str(Path(quant_dir) / quant_tasks.STAGE_FILES["calibrate_activations"])
+    scores = call(eval_tasks.sample_and_score, params, checkpoint, results_dir)
+    temporal = {} if fp else call(eval_tasks.temporal_analysis, params, checkpoint, results_dir)
+    metrics_path = call(eval_tasks.write_metrics, params, name, None if fp else method, None if fp else bits,
+                        quant_dir if not fp else None, results_dir, scores, temporal)
+    run_params = None
+    if not fp:
+        from flows.params import quant_config
+
+        run_params = quant_config(params, method, bits).to_dict()
+    call(log_run, params, name, None if fp else method, None if fp else bits, results_dir, run_params)
+    return metrics_path
+
+
+@flow(name="report")
+def report_flow(config: str = "params.yaml") -> str:
+    return call(report_tasks.report, load_params(config))

@@ -1,0 +1,23 @@
+"""Data preparation task: verify the Fashion-MNIST IDX files and snapshot them as one DVC output.
+
+The snapshot is byte-deterministic (``tfmq.data.save_dataset``), so a fresh clone's re-run of this
+stage reproduces the hash locked in dvc.lock and nothing downstream re-runs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.common import logger, pipeline_task
+
+
+@pipeline_task
+def prepare_data(params: dict[str, Any]) -> str:
+    """Load and verify the IDX files under ``data.root``; write the snapshot to ``data.path``."""
+    from tfmq.data import load_fashion_mnist, save_dataset
+
+    section = params["data"]
+    d = load_fashion_mnist(section["root"])
+    save_dataset(d, section["path"])
+    logger().info("dataset: %d train / %d test images -> %s", len(d["train_labels"]), len(d["test_labels"]),
+                  section["path"])
+    return section["path"]

@@ -1,0 +1,111 @@
+"""Quantization tasks: calibration trajectories, then the three stages of a method's recipe.
+
+TFMQ-DM runs TIAR on the Temporal Information Block (spec section 4), then BRECQ on the remaining
+blocks with the temporal layers frozen (section 6), then Finite Set Calibration of the activation
+ranges (section 5); the baselines run their own recipe through the same three stages (a stage the
+recipe lacks is a recorded no-op). Each task loads the FP model plus the previous stage's
+checkpoint, calls ONE ``tfmq`` stage function and saves a checkpoint, so any stage can be re-run
+alone and an interrupted stage never leaves a half-written checkpoint (``tfmq.save`` is atomic).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.common import device, logger, pipeline_task, show_progress, timed, COMPUTE_TIMES
+
+#: checkpoint directory (``tfmq.save``) written by each stage under quant/<setting>/
+STAGE_FILES = {"recon_tib": "tib", "recon_blocks": "blocks", "calibrate_activations": "model"}
+
+
+def class_labels_for(unet, n: int):
+    """Balanced class labels (sample j gets class j mod K) for class-conditional UNets, else None."""
+    import torch
+
+    k = getattr(unet.config, "num_class_embeds", None)
+    return None if not k else torch.arange(n, dtype=torch.int64) % int(k)
+
+
+@pipeline_task
+def calib_data(params: dict[str, Any]) -> str:
+    """Record the FP sampler's UNet inputs at every step (the set every method selects from)."""
+    from tfmq.calibration_data import capture_calibration_data
+    from tfmq.models import load_fp_model
+    from tfmq.sampling import make_scheduler
+
+    c, s = params["calib_data"], params["sampler"]
+    dev = device()
+    unet, train_sched = load_fp_model(params["model"]["fp_dir"], dev)
+    scheduler = make_scheduler(s["name"], train_sched.config)
+    with timed(COMPUTE_TIMES, "calib_data"):
+        calib = capture_calibration_data(
+            unet, scheduler, c["out_dir"], num_samples=c["num_samples"], num_inference_steps=s["num_inference_steps"],
+            batch_size=c["batch_size"], seed=c["seed"], eta=s["eta"],
+            class_labels=class_labels_for(unet, c["num_samples"]), device=dev, progress=show_progress())
+    logger().info("calibration set: %d steps x %d rows -> %s", calib.num_steps, calib.rows_per_step, c["out_dir"])
+    return c["out_dir"]
+
+
+def _load_stage_input(params: dict[str, Any], config, previous: str | None):
+    """FP model from ``model.fp_dir``; prepared fresh (first stage) or with the previous checkpoint loaded."""
+    import tfmq
+    from tfmq.models import load_fp_model
+
+    dev = device()
+    unet, _ = load_fp_model(params["model"]["fp_dir"], dev)
+    if previous is None:
+        return tfmq.prepare_model(unet, config)
+    return tfmq.load(previous, unet, device=dev)
+
+
+def _record(quant_dir: Path, stage: str, seconds: float, stats: dict[str, Any]) -> None:
+    """Merge this stage's wall time and stats into ``stage_times.json`` (atomic rewrite)."""
+    from tfmq.io import atomic_write_json
+
+    path = quant_dir / "stage_times.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc[stage] = {"wall_s": round(seconds, 3), "stats": json.loads(json.dumps(stats, default=str))}
+    atomic_write_json(doc, path)
+
+
+def _run_stage(stage: str, fn_name: str, params: dict[str, Any], method: str, bits: str, quant_dir: str,
+               previous: str | None) -> str:
+    import tfmq
+    from tfmq.calibration_data import CalibrationSet
+    from flows.params import quant_config
+
+    config = quant_config(params, method, bits)
+    qdir = Path(quant_dir)
+    unet = _load_stage_input(params, config, previous)
+    calib = CalibrationSet(params["calib_data"]["out_dir"])
+    times: dict[str, float] = {}
+    with timed(times, stage), timed(COMPUTE_TIMES, stage):
+        stats = getattr(tfmq, fn_name)(unet, calib, config, device=device(), progress=show_progress())
+    out = qdir / STAGE_FILES[stage]
+    tfmq.save(unet, out, extra_metadata={"pipeline_stage": stage})
+    _record(qdir, stage, times[stage], stats)
+    logger().info("%s %s-%s: %.1f s -> %s", stage, method, bits, times[stage], out)
+    return str(out)
+
+
+@pipeline_task
+def recon_tib(params: dict[str, Any], method: str, bits: str, quant_dir: str) -> str:
+    """Stage 1: TIAR on the Temporal Information Block (or the method's treatment of the temporal layers)."""
+    Path(quant_dir).mkdir(parents=True, exist_ok=True)
+    stale = Path(quant_dir) / "stage_times.json"
+    if stale.exists():
+        stale.unlink()  # a fresh run of stage 1 starts a fresh record
+    return _run_stage("recon_tib", "reconstruct_temporal", params, method, bits, quant_dir, None)
+
+
+@pipeline_task
+def recon_blocks(params: dict[str, Any], method: str, bits: str, quant_dir: str, previous: str) -> str:
+    """Stage 2: BRECQ reconstruction of the remaining blocks (temporal layers frozen for TFMQ/freeze)."""
+    return _run_stage("recon_blocks", "reconstruct_blocks", params, method, bits, quant_dir, previous)
+
+
+@pipeline_task
+def calibrate_activations(params: dict[str, Any], method: str, bits: str, quant_dir: str, previous: str) -> str:
+    """Stage 3: activation ranges (FSC per timestep for TFMQ; shared/learned ranges for the baselines)."""
+    return _run_stage("calibrate_activations", "calibrate_activations", params, method, bits, quant_dir, previous)

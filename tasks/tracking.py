@@ -1,0 +1,111 @@
+"""MLflow tracking: one run per evaluated setting with params, metrics, plots and provenance tags.
+
+MLflow is logging only (research/ecosystem.md section 5): DVC owns the DAG and the caching,
+MLflow keeps the comparable history. The default store is ONE sqlite file at the main repo root,
+addressed by an absolute URI, so ``dvc exp run --temp/--queue`` (which runs stages in a copy of
+the repo under ``.dvc/tmp/exps/``) still logs into the same store. ``MLFLOW_TRACKING_URI`` overrides.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tasks.common import logger, pipeline_task
+
+_EXP_TMP = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+
+
+def main_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The repo root, seen through a DVC temp experiment copy (``<root>/.dvc/tmp/exps/<tmp>/``)."""
+    here = Path(start or os.getcwd()).resolve()
+    s = str(here)
+    if _EXP_TMP in s:
+        return Path(s.split(_EXP_TMP)[0])
+    return here
+
+
+def tracking_uri(params: dict[str, Any]) -> str:
+    """``MLFLOW_TRACKING_URI`` > ``mlflow.tracking_uri`` in params.yaml > ``sqlite:///<repo root>/mlflow.db``."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if params["mlflow"]["tracking_uri"]:
+        return params["mlflow"]["tracking_uri"]
+    return f"sqlite:///{main_repo_root() / 'mlflow.db'}"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``: params.yaml keys as DVC writes them (``dvc params diff``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """HEAD's sha, with ``-dirty`` when tracked files differ; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
+                             timeout=20).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in flatten(metrics).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+@pipeline_task(io=True)
+def log_run(params: dict[str, Any], setting: str, method: str | None, bits: str | None, results_dir: str,
+            run_params: dict[str, Any] | None = None) -> str:
+    """Log one setting's metrics.json, plots and provenance to MLflow; return the run id."""
+    import mlflow
+
+    results = Path(results_dir)
+    metrics = json.loads((results / "metrics.json").read_text())
+    mlflow.set_tracking_uri(tracking_uri(params))
+    mlflow.set_experiment(params["mlflow"]["experiment"])
+    tags = {
+        "git_commit": git_commit(),
+        "setting": setting,
+        "method": method or "fp",
+        "bits": bits or "FP32",
+        "extractor": str(metrics.get("extractor", "unknown")),
+        "quantization": "simulated (fake-quant on CPU/GPU; no integer kernels)",
+        "dvc_stage": os.environ.get("DVC_STAGE", ""),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+    }
+    all_params = {**flatten({k: v for k, v in params.items() if k not in ("quant",)}),
+                  **flatten(run_params or {}, "quant.")}
+    with mlflow.start_run(run_name=setting) as run:
+        mlflow.set_tags(tags)
+        # MLflow params are immutable strings of <= 6000 chars; json keeps lists readable.
+        mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in all_params.items()})
+        mlflow.log_metrics(_numeric({k: v for k, v in metrics.items() if k != "per_timestep"}))
+        for i, row in enumerate(metrics.get("per_timestep", [])):
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "timestep" and v is not None},
+                               step=int(row.get("timestep", i)))
+        mlflow.log_artifact(str(results / "metrics.json"))
+        for sub in ("plots",):
+            if (results / sub).is_dir():
+                mlflow.log_artifacts(str(results / sub), artifact_path=sub)
+        for extra in ("temporal.csv",):
+            if (results / extra).is_file():
+                mlflow.log_artifact(str(results / extra))
+        run_id = run.info.run_id
+    logger().info("mlflow run %s (%s) in %s", run_id, setting, tracking_uri(params))
+    return run_id
