@@ -111,7 +111,7 @@ def _quant_config():
 
 # Every key of params.yaml. Comments on the values live in params.yaml itself.
 SCHEMA: dict[str, Any] = {
-    "data": {"root": STR, "path": STR},
+    "data": {"root": STR, "path": STR, "check_counts": BOOL},
     "train_fp": DataclassSection(_train_config, {"out_dir": STR}),
     "train_fp_class": DataclassSection(_train_config, {"out_dir": STR}),
     "classifier": {"path": STR, "epochs": INT, "batch_size": INT, "lr": FLOAT, "seed": INT},
@@ -120,7 +120,7 @@ SCHEMA: dict[str, Any] = {
     "calib_data": {"out_dir": STR, "num_samples": INT, "batch_size": INT, "seed": INT},
     "quant": "QuantConfig",  # validated by tfmq.QuantConfig.from_dict (strict)
     "quant_out": {"dir": STR},
-    "reference": {"path": STR, "split": choice("train", "test"), "num_images": INT, "seed": INT},
+    "reference": {"dir": STR, "split": choice("train", "test"), "num_images": INT, "seed": INT},
     "eval": {
         "out_dir": STR,
         "num_samples": INT,

@@ -52,7 +52,7 @@ def compare(methods: list[str] | None = None, bits: list[str] | None = None, con
         (params["data"]["path"], prepare_data_flow, ()),
         (params["model"]["fp_dir"], train_fp_flow, ("train_fp",)),
         (params["classifier"]["path"], train_classifier_flow, ()),
-        (params["reference"]["path"], reference_stats_flow, ()),
+        (params["reference"]["dir"], reference_stats_flow, ()),
         (params["calib_data"]["out_dir"], calib_data_flow, ()),
     ]
     for out, flow_, args in upstream:

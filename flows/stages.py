@@ -39,8 +39,13 @@ def run_flow(flow_, *args: Any, **kwargs: Any) -> Any:
 
 
 def setting_dirs(params: dict[str, Any], name: str) -> tuple[str, str]:
-    """``(quant/<name>, results/<name>)``: where a setting's checkpoints and results go."""
+    """``(quant/<name>, results/<name>)``: where a setting's checkpoints and results (plots, csv) go."""
     return str(Path(params["quant_out"]["dir"]) / name), str(Path(params["eval"]["out_dir"]) / name)
+
+
+def metrics_path(params: dict[str, Any], name: str) -> str:
+    """``results/metrics/<name>.json``: one DVC metrics file per setting, all in the dir the report reads."""
+    return str(Path(params["eval"]["out_dir"]) / "metrics" / f"{name}.json")
 
 
 @flow(name="prepare-data")
@@ -88,15 +93,15 @@ def evaluate_flow(method: str = "fp", bits: str = "FP32", config: str = "params.
     checkpoint = None if fp else str(Path(quant_dir) / quant_tasks.STAGE_FILES["calibrate_activations"])
     scores = call(eval_tasks.sample_and_score, params, checkpoint, results_dir)
     temporal = {} if fp else call(eval_tasks.temporal_analysis, params, checkpoint, results_dir)
-    metrics_path = call(eval_tasks.write_metrics, params, name, None if fp else method, None if fp else bits,
-                        quant_dir if not fp else None, results_dir, scores, temporal)
+    out = call(eval_tasks.write_metrics, params, name, None if fp else method, None if fp else bits,
+               quant_dir if not fp else None, metrics_path(params, name), scores, temporal)
     run_params = None
     if not fp:
         from flows.params import quant_config
 
         run_params = quant_config(params, method, bits).to_dict()
-    call(log_run, params, name, None if fp else method, None if fp else bits, results_dir, run_params)
-    return metrics_path
+    call(log_run, params, name, None if fp else method, None if fp else bits, out, results_dir, run_params)
+    return out
 
 
 @flow(name="report")

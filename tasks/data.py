@@ -13,10 +13,10 @@ from tasks.common import logger, pipeline_task
 @pipeline_task
 def prepare_data(params: dict[str, Any]) -> str:
     """Load and verify the IDX files under ``data.root``; write the snapshot to ``data.path``."""
-    from tfmq.data import load_fashion_mnist, save_dataset
+    from tfmq.data import FASHION_MNIST_COUNTS, load_fashion_mnist, save_dataset
 
     section = params["data"]
-    d = load_fashion_mnist(section["root"])
+    d = load_fashion_mnist(section["root"], FASHION_MNIST_COUNTS if section["check_counts"] else None)
     save_dataset(d, section["path"])
     logger().info("dataset: %d train / %d test images -> %s", len(d["train_labels"]), len(d["test_labels"]),
                   section["path"])

@@ -38,13 +38,13 @@ def _is_cell(m: dict[str, Any]) -> str:
 
 def build_table(params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """Markdown of the grid's metrics.json files (missing settings show as 'not run')."""
-    results = Path(params["eval"]["out_dir"])
+    results = Path(params["eval"]["out_dir"]) / "metrics"
     rows: list[tuple[str, str, dict[str, Any] | None]] = []
-    fp_path = results / "fp" / "metrics.json"
+    fp_path = results / "fp.json"
     rows.append(("FP", "W32A32", json.loads(fp_path.read_text()) if fp_path.is_file() else None))
     for bits in params["grid"]["bits"]:
         for method in params["grid"]["methods"]:
-            p = results / f"{method}-{bits}" / "metrics.json"
+            p = results / f"{method}-{bits}.json"
             rows.append((method, bits, json.loads(p.read_text()) if p.is_file() else None))
     present = [m for _, _, m in rows if m]
     extractors = sorted({m.get("extractor", "unknown") for m in present})

@@ -69,14 +69,23 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _per_timestep(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    import csv
+
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if "timestep" in row]
+
+
 @pipeline_task(io=True)
-def log_run(params: dict[str, Any], setting: str, method: str | None, bits: str | None, results_dir: str,
-            run_params: dict[str, Any] | None = None) -> str:
-    """Log one setting's metrics.json, plots and provenance to MLflow; return the run id."""
+def log_run(params: dict[str, Any], setting: str, method: str | None, bits: str | None, metrics_path: str,
+            results_dir: str, run_params: dict[str, Any] | None = None) -> str:
+    """Log one setting's metrics JSON, plots and provenance to MLflow; return the run id."""
     import mlflow
 
     results = Path(results_dir)
-    metrics = json.loads((results / "metrics.json").read_text())
+    metrics = json.loads(Path(metrics_path).read_text())
     mlflow.set_tracking_uri(tracking_uri(params))
     mlflow.set_experiment(params["mlflow"]["experiment"])
     tags = {
@@ -95,11 +104,11 @@ def log_run(params: dict[str, Any], setting: str, method: str | None, bits: str 
         mlflow.set_tags(tags)
         # MLflow params are immutable strings of <= 6000 chars; json keeps lists readable.
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in all_params.items()})
-        mlflow.log_metrics(_numeric({k: v for k, v in metrics.items() if k != "per_timestep"}))
-        for i, row in enumerate(metrics.get("per_timestep", [])):
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "timestep" and v is not None},
-                               step=int(row.get("timestep", i)))
-        mlflow.log_artifact(str(results / "metrics.json"))
+        mlflow.log_metrics(_numeric(metrics))
+        for row in _per_timestep(results / "temporal.csv"):  # curves over the sampler's timesteps
+            step = int(float(row.pop("timestep")))
+            mlflow.log_metrics({f"per_t.{k}": float(v) for k, v in row.items() if v not in ("", None)}, step=step)
+        mlflow.log_artifact(metrics_path)
         for sub in ("plots",):
             if (results / sub).is_dir():
                 mlflow.log_artifacts(str(results / sub), artifact_path=sub)

@@ -1,0 +1,149 @@
+"""Evaluation tasks: samples and their FID/sFID/KID/IS, the temporal-disturbance analyses, metrics.json.
+
+Every setting is sampled from the same seeded noise with the same sampler as the calibration
+trajectories (FSC tables are keyed by that sampler's timesteps), and scored against the one cached
+reference of ``reference_stats``. The temporal analyses (the poster's first section: temporal
+feature error, mismatch delta, trajectory deviation, activation ranges per timestep) compare the
+quantized UNet with the FP one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
+from tasks.quantize import class_labels_for
+
+
+def load_unet(params: dict[str, Any], checkpoint: str | None):
+    """FP UNet + training scheduler from ``model.fp_dir``; with a checkpoint, the quantized UNet on top."""
+    from tfmq.models import load_fp_model
+
+    unet, train_sched = load_fp_model(params["model"]["fp_dir"], device())
+    if checkpoint is not None:
+        import tfmq
+
+        unet = tfmq.load(checkpoint, unet, device=device())
+    return unet, train_sched
+
+
+def _sampler(params: dict[str, Any], train_sched):
+    from tfmq.sampling import make_scheduler
+
+    return make_scheduler(params["sampler"]["name"], train_sched.config)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+@pipeline_task
+def sample_and_score(params: dict[str, Any], checkpoint: str | None, results_dir: str) -> dict[str, Any]:
+    """Sample ``eval.num_samples`` images, save a grid, compute FID/sFID/KID/IS (and the domain IS)."""
+    from tfmq.data import to_uint8
+    from tfmq.evaluation.metrics import compute_metrics
+    from tfmq.sampling import sample, save_grid
+    from tasks.reference import reference_path
+
+    e, s = params["eval"], params["sampler"]
+    dev, prog = device(), show_progress()
+    unet, train_sched = load_unet(params, checkpoint)
+    labels = class_labels_for(unet, e["num_samples"])
+    times: dict[str, float] = {}
+    with timed(times, "sample"), timed(COMPUTE_TIMES, "sample"):
+        x = sample(unet, _sampler(params, train_sched), e["num_samples"], s["num_inference_steps"], e["batch_size"],
+                   e["seed"], eta=s["eta"], class_labels=labels, device=dev, progress=prog)
+    images = to_uint8(x)
+    plots = Path(results_dir) / "plots"
+    save_grid(x[: e["grid_images"]], plots / "samples.png", nrow=8, scale=2)
+    with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
+        scores = compute_metrics(images, reference_path(params), extractor=e["extractor"],
+                                 weights_path=e["inception_weights"], num_bootstrap=e["num_bootstrap"],
+                                 bootstrap_seed=e["seed"], device=dev, progress=prog)
+        domain = _domain_scores(params, images, labels)
+    logger().info("sampled %d images in %.1f s, metrics in %.1f s", len(images), times["sample"], times["metrics"])
+    return _jsonable({"scores": scores, "domain": domain, "times": times})
+
+
+def _domain_scores(params: dict[str, Any], images, labels) -> dict[str, Any] | None:
+    """Domain IS (+ class accuracy for class-conditional samples) from the pipeline's Fashion-MNIST classifier."""
+    from tfmq.evaluation import classifier
+
+    return classifier.domain_scores(images, params["classifier"]["path"], class_labels=labels, device=device())
+
+
+@pipeline_task
+def temporal_analysis(params: dict[str, Any], checkpoint: str, results_dir: str) -> dict[str, Any]:
+    """FP vs quantized: temporal feature cos per (t, resnet), mismatch delta, trajectory deviation, ranges; plots."""
+    from tfmq.evaluation import temporal
+    from tfmq.io import atomic_write_text
+
+    e, s = params["eval"], params["sampler"]
+    fp_unet, train_sched = load_unet(params, None)
+    q_unet, _ = load_unet(params, checkpoint)
+    with timed(COMPUTE_TIMES, "temporal"):
+        res = temporal.analyze_pair(
+            fp_unet, q_unet, _sampler(params, train_sched), num_inference_steps=s["num_inference_steps"],
+            num_samples=e["temporal_samples"], seed=e["seed"], eta=s["eta"],
+            class_labels=class_labels_for(fp_unet, e["temporal_samples"]), num_activation_layers=e["activation_layers"],
+            out_dir=Path(results_dir) / "plots", device=device(), progress=show_progress())
+    rows = res["per_timestep"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buf.getvalue(), Path(results_dir) / "temporal.csv")
+    return _jsonable(res)
+
+
+def _first(values: dict[str, Any], *prefixes: str) -> Any:
+    for p in prefixes:
+        for k, v in values.items():
+            if k.split("/")[0] == p:
+                return v
+    return None
+
+
+@pipeline_task
+def write_metrics(params: dict[str, Any], name: str, method: str | None, bits: str | None, quant_dir: str | None,
+                  out_path: str, scored: dict[str, Any], temporal: dict[str, Any]) -> str:
+    """Merge scores, temporal summary and quantization wall times into one DVC metrics JSON (``out_path``)."""
+    from tfmq.io import atomic_write_json
+
+    sc, e, s = scored["scores"], params["eval"], params["sampler"]
+    v, det = sc["values"], sc["metrics"]
+    domain = scored.get("domain") or {}
+    m: dict[str, Any] = {
+        "setting": name, "method": method or "fp", "bits": bits or "W32A32",
+        "extractor": sc["extractor"], "extractor_label": sc["extractor_label"],
+        "fid": _first(v, "fid"), "fid_ci_low": _first(v, "fid_ci95_low"), "fid_ci_high": _first(v, "fid_ci95_high"),
+        "sfid": _first(v, "sfid", "sfid_proxy"), "sfid_label": det.get("sfid", {}).get("label"),
+        "kid_mean": _first(v, "kid_mean"), "kid_std": _first(v, "kid_std"),
+        "is_imagenet_mean": _first(v, "is", "is_proxy"), "is_imagenet_std": _first(v, "is_std", "is_proxy_std"),
+    }
+    if domain.get("is_mean") is not None:  # offline: the Fashion-MNIST classifier's IS is the meaningful one
+        m.update(is_mean=domain["is_mean"], is_std=domain.get("is_std"), is_label=domain.get("label", "domain IS"),
+                 class_accuracy=domain.get("class_accuracy"))
+    else:
+        m.update(is_mean=m["is_imagenet_mean"], is_std=m["is_imagenet_std"], is_label=det.get("is", {}).get("label"))
+    m.update({
+        "num_samples": sc["n_fake"], "reference": f"{sc['reference']['split']} split, n={sc['reference']['n']}",
+        "sampler": s["name"], "num_inference_steps": s["num_inference_steps"], "eta": s["eta"], "seed": e["seed"],
+        "device": device(), "eval_time_sample_s": scored["times"].get("sample"),
+        "eval_time_metrics_s": scored["times"].get("metrics"),
+    })
+    if temporal:
+        m.update({k: v2 for k, v2 in temporal.get("summary", {}).items()})
+    if quant_dir is not None and (Path(quant_dir) / "stage_times.json").is_file():
+        stages = json.loads((Path(quant_dir) / "stage_times.json").read_text())
+        for stage, rec in stages.items():
+            m[f"quant_time_{stage}_s"] = rec["wall_s"]
+        m["quant_time_total_s"] = round(sum(rec["wall_s"] for rec in stages.values()), 3)
+    out = Path(out_path)
+    atomic_write_json(m, out)
+    logger().info("%s: FID %.2f sFID %.2f KID %.4f IS %.2f -> %s", name, m["fid"] or float("nan"),
+                  m["sfid"] or float("nan"), m["kid_mean"] or float("nan"), m["is_mean"] or float("nan"), out)
+    return str(out)
