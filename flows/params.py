@@ -114,7 +114,7 @@ SCHEMA: dict[str, Any] = {
     "data": {"root": STR, "path": STR, "check_counts": BOOL},
     "train_fp": DataclassSection(_train_config, {"out_dir": STR}),
     "train_fp_class": DataclassSection(_train_config, {"out_dir": STR}),
-    "classifier": {"path": STR, "epochs": INT, "batch_size": INT, "lr": FLOAT, "seed": INT},
+    "classifier": {"path": STR, "epochs": INT, "batch_size": INT, "lr": FLOAT, "width": INT, "seed": INT},
     "sampler": {"name": choice(*SAMPLERS), "num_inference_steps": INT, "eta": FLOAT},
     "model": {"fp_dir": STR},
     "calib_data": {"out_dir": STR, "num_samples": INT, "batch_size": INT, "seed": INT},
@@ -225,7 +225,9 @@ def _check_quant(d: Any, where: str) -> dict[str, Any]:
         QuantConfig.from_dict(d)
     except (ConfigError, TypeError, ValueError) as e:
         msg = str(e)
-        if not msg.startswith("quant"):
+        if re.match(r"[a-z_]+(\.[a-z_]+)*=", msg):  # "recon.iters=...": name the full params key
+            msg = f"{where}.{msg}"
+        elif not msg.startswith(where):
             msg = f"{where}: {msg}"
         raise ParamsError(f"params: {msg}") from None
     return dict(d)
@@ -243,15 +245,6 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ParamsError(f"params: {path} is not valid YAML: {' '.join(str(e).split())}") from None
     return _check_mapping(raw, SCHEMA, "")
-
-
-def quant_config(params: dict[str, Any], method: str, bits: str):
-    """The ``tfmq.QuantConfig`` of one grid setting: the ``quant`` section with method and bits replaced."""
-    from tfmq.config import QuantConfig, parse_bits
-
-    w, a = parse_bits(bits)
-    d = dict(params["quant"], method=method, weight_bits=w, act_bits=a)
-    return QuantConfig.from_dict(d)
 
 
 def setting_name(method: str, bits: str) -> str:

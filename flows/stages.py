@@ -13,6 +13,8 @@ from typing import Any
 from prefect import flow
 
 from flows.params import load_params, setting_name
+from tasks import calibration as calib_tasks
+from tasks import classifier as clf_tasks
 from tasks import data as data_tasks
 from tasks import evaluate as eval_tasks
 from tasks import quantize as quant_tasks
@@ -60,7 +62,7 @@ def train_fp_flow(section: str = "train_fp", config: str = "params.yaml") -> str
 
 @flow(name="train-classifier")
 def train_classifier_flow(config: str = "params.yaml") -> str:
-    return call(train_tasks.train_classifier, load_params(config))
+    return call(clf_tasks.train_classifier, load_params(config))
 
 
 @flow(name="reference-stats")
@@ -70,7 +72,7 @@ def reference_stats_flow(config: str = "params.yaml") -> str:
 
 @flow(name="calib-data")
 def calib_data_flow(config: str = "params.yaml") -> str:
-    return call(quant_tasks.calib_data, load_params(config))
+    return call(calib_tasks.calib_data, load_params(config))
 
 
 @flow(name="quantize", flow_run_name="quantize-{method}-{bits}")
@@ -97,9 +99,7 @@ def evaluate_flow(method: str = "fp", bits: str = "FP32", config: str = "params.
                quant_dir if not fp else None, metrics_path(params, name), scores, temporal)
     run_params = None
     if not fp:
-        from flows.params import quant_config
-
-        run_params = quant_config(params, method, bits).to_dict()
+        run_params = quant_tasks.quant_config(params, method, bits).to_dict()
     call(log_run, params, name, None if fp else method, None if fp else bits, out, results_dir, run_params)
     return out
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.common import logger, pipeline_task
+from tasks.common import COMPUTE_TIMES, logger, pipeline_task, timed
 
 
 @pipeline_task
@@ -16,8 +16,9 @@ def prepare_data(params: dict[str, Any]) -> str:
     from tfmq.data import FASHION_MNIST_COUNTS, load_fashion_mnist, save_dataset
 
     section = params["data"]
-    d = load_fashion_mnist(section["root"], FASHION_MNIST_COUNTS if section["check_counts"] else None)
-    save_dataset(d, section["path"])
+    with timed(COMPUTE_TIMES, "prepare_data"):
+        d = load_fashion_mnist(section["root"], FASHION_MNIST_COUNTS if section["check_counts"] else None)
+        save_dataset(d, section["path"])
     logger().info("dataset: %d train / %d test images -> %s", len(d["train_labels"]), len(d["test_labels"]),
                   section["path"])
     return section["path"]

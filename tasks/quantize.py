@@ -1,4 +1,4 @@
-"""Quantization tasks: calibration trajectories, then the three stages of a method's recipe.
+"""Quantization tasks: the three stages of a method's recipe, one checkpoint after each.
 
 TFMQ-DM runs TIAR on the Temporal Information Block (spec section 4), then BRECQ on the remaining
 blocks with the temporal layers frozen (section 6), then Finite Set Calibration of the activation
@@ -13,38 +13,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.common import device, logger, pipeline_task, show_progress, timed, COMPUTE_TIMES
+from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
 
 #: checkpoint directory (``tfmq.save``) written by each stage under quant/<setting>/
 STAGE_FILES = {"recon_tib": "tib", "recon_blocks": "blocks", "calibrate_activations": "model"}
 
 
-def class_labels_for(unet, n: int):
-    """Balanced class labels (sample j gets class j mod K) for class-conditional UNets, else None."""
-    import torch
+def quant_config(params: dict[str, Any], method: str, bits: str):
+    """The ``tfmq.QuantConfig`` of one setting: the ``quant`` section with method and bits replaced."""
+    from tfmq.config import QuantConfig, parse_bits
 
-    k = getattr(unet.config, "num_class_embeds", None)
-    return None if not k else torch.arange(n, dtype=torch.int64) % int(k)
-
-
-@pipeline_task
-def calib_data(params: dict[str, Any]) -> str:
-    """Record the FP sampler's UNet inputs at every step (the set every method selects from)."""
-    from tfmq.calibration_data import capture_calibration_data
-    from tfmq.models import load_fp_model
-    from tfmq.sampling import make_scheduler
-
-    c, s = params["calib_data"], params["sampler"]
-    dev = device()
-    unet, train_sched = load_fp_model(params["model"]["fp_dir"], dev)
-    scheduler = make_scheduler(s["name"], train_sched.config)
-    with timed(COMPUTE_TIMES, "calib_data"):
-        calib = capture_calibration_data(
-            unet, scheduler, c["out_dir"], num_samples=c["num_samples"], num_inference_steps=s["num_inference_steps"],
-            batch_size=c["batch_size"], seed=c["seed"], eta=s["eta"],
-            class_labels=class_labels_for(unet, c["num_samples"]), device=dev, progress=show_progress())
-    logger().info("calibration set: %d steps x %d rows -> %s", calib.num_steps, calib.rows_per_step, c["out_dir"])
-    return c["out_dir"]
+    w, a = parse_bits(bits)
+    return QuantConfig.from_dict(dict(params["quant"], method=method, weight_bits=w, act_bits=a))
 
 
 def _load_stage_input(params: dict[str, Any], config, previous: str | None):
@@ -73,8 +53,6 @@ def _run_stage(stage: str, fn_name: str, params: dict[str, Any], method: str, bi
                previous: str | None) -> str:
     import tfmq
     from tfmq.calibration_data import CalibrationSet
-    from flows.params import quant_config
-
     config = quant_config(params, method, bits)
     qdir = Path(quant_dir)
     unet = _load_stage_input(params, config, previous)

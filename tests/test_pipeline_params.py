@@ -1,0 +1,260 @@
+"""params.yaml validation, the CLI's error path, dvc.yaml's deps, the results table and the deployments.
+
+Fast tests: no torch work, no Prefect server (the end-to-end flows are in test_pipeline_e2e.py).
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.params import ParamsError, load_params
+from pipeline_fixtures import REPO, subprocess_env
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _write(tmp_path: Path, d: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+def test_committed_params_validate():
+    params = load_params(REPO / "params.yaml")
+    assert params["grid"]["methods"] == ["naive", "freeze", "ptq4dm", "qdiffusion", "tfmq"]
+    assert params["grid"]["bits"] == ["W8A8", "W4A8", "W4A32"]
+
+
+def test_every_library_hyperparameter_is_in_params_yaml():
+    """No hidden defaults: every QuantConfig / TrainConfig field is written out in params.yaml."""
+    from tfmq.config import QuantConfig
+    from tfmq.training import TrainConfig
+
+    def fields(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} - {"version"}
+
+    q = PARAMS["quant"]
+    assert fields(QuantConfig) == set(q)
+    for name in ("recon", "tiar_recon", "act_recon", "calib"):
+        nested = type(getattr(QuantConfig(), name))
+        assert fields(nested) == set(q[name]), name
+    for sec in ("train_fp", "train_fp_class"):
+        assert fields(TrainConfig) | {"out_dir"} == set(PARAMS[sec]), sec
+
+
+@pytest.mark.parametrize(
+    "path, bad_key, value",
+    [
+        (("eval",), "num_sample", 256),                   # typo in a pipeline section
+        ((), "evals", {}),                                # typo of a whole section
+        (("quant", "recon"), "iter", 10),                 # typo inside a library config
+        (("train_fp",), "learning_rate", 0.1),            # typo in a dataclass-backed section
+        (("quant",), "weight_bit", 4),
+    ],
+)
+def test_unknown_key_is_named(tmp_path, path, bad_key, value):
+    d = copy.deepcopy(PARAMS)
+    node = d
+    for k in path:
+        node = node[k]
+    node[bad_key] = value
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, d))
+    msg = str(e.value)
+    assert bad_key in msg and "allowed" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "path, value, expect",
+    [
+        (("eval", "num_samples"), "many", "eval.num_samples"),
+        (("sampler", "name"), "euler", "sampler.name"),
+        (("train_fp", "steps"), 1.5, "train_fp.steps"),
+        (("quant", "recon", "iters"), "10", "quant.recon.iters"),
+        (("quant", "method"), "gptq", "method"),
+        (("grid", "bits"), ["W4A8", "W4"], "grid.bits"),
+        (("data", "check_counts"), "yes", "data.check_counts"),
+    ],
+)
+def test_mistyped_value_is_named(tmp_path, path, value, expect):
+    d = copy.deepcopy(PARAMS)
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    with pytest.raises(ParamsError, match=expect.replace(".", r"\.")):
+        load_params(_write(tmp_path, d))
+
+
+def test_missing_key_is_named(tmp_path):
+    d = copy.deepcopy(PARAMS)
+    del d["eval"]["seed"]
+    with pytest.raises(ParamsError, match=r"missing key 'eval\.seed'"):
+        load_params(_write(tmp_path, d))
+
+
+def test_cli_bad_params_one_line_nonzero_exit(tmp_path):
+    d = copy.deepcopy(PARAMS)
+    d["eval"]["num_sample"] = 1
+    cfg = _write(tmp_path, d)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "quantize", "--config", str(cfg), "--method", "tfmq",
+                        "--bits", "W4A8"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "eval.num_sample" in lines[0] and "allowed keys" in lines[0]
+    assert "num_samples" in lines[0]  # the allowed keys are listed
+
+
+# --- dvc.yaml -----------------------------------------------------------------------------------
+
+#: the task modules each stage runs (its code deps must cover their import closure)
+STAGE_ENTRIES = {
+    "prepare_data": ["tasks/data.py"],
+    "train_fp": ["tasks/train.py"],
+    "train_fp_class": ["tasks/train.py"],
+    "train_classifier": ["tasks/classifier.py"],
+    "reference_stats": ["tasks/reference.py"],
+    "calib_data": ["tasks/calibration.py"],
+    "quantize": ["tasks/quantize.py"],
+    "quantize_exp": ["tasks/quantize.py"],
+    "evaluate": ["tasks/evaluate.py", "tasks/tracking.py"],
+    "evaluate_fp": ["tasks/evaluate.py", "tasks/tracking.py"],
+    "evaluate_exp": ["tasks/evaluate.py", "tasks/tracking.py"],
+    "report": ["tasks/report.py"],
+}
+#: wiring, deliberately not a dep (see the header of dvc.yaml)
+WIRING = ("tasks/common.py", "flows/")
+
+
+def _resolve(mod: str, names: tuple[str, ...]) -> list[Path]:
+    base = REPO.joinpath(*mod.split("."))
+    if base.with_suffix(".py").is_file():
+        return [base.with_suffix(".py")]
+    out = []
+    if (base / "__init__.py").is_file():
+        sub = [base / f"{n}.py" for n in names if (base / f"{n}.py").is_file()]
+        out.extend(sub)
+        if len(sub) < len(names):  # a name defined in the package itself
+            out.append(base / "__init__.py")
+    return out
+
+
+def import_closure(entries: list[str]) -> set[str]:
+    """Repo files a stage's task modules import, transitively (package __init__ only when imported from)."""
+    seen: set[str] = set()
+    todo = [REPO / e for e in entries]
+    while todo:
+        path = todo.pop()
+        rel = path.relative_to(REPO).as_posix()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        pkg = path.relative_to(REPO).parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found = [(a.name, ()) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mod = ".".join([*pkg[: len(pkg) - node.level + 1], *([node.module] if node.module else [])]) \
+                    if node.level else node.module
+                found = [(mod, tuple(a.name for a in node.names))]
+            else:
+                continue
+            for mod, names in found:
+                if mod.split(".")[0] not in ("tfmq", "tasks", "flows"):
+                    continue
+                for f in _resolve(mod, names):
+                    r = f.relative_to(REPO).as_posix()
+                    if not r.startswith(WIRING):
+                        todo.append(f)
+    return seen
+
+
+def _dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_stage_has_entries():
+    assert set(_dvc_stages()) == set(STAGE_ENTRIES)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_ENTRIES))
+def test_stage_code_deps_cover_imports(stage):
+    deps = [d for d in _dvc_stages()[stage]["deps"] if "${" not in d]
+    for d in deps:
+        assert (REPO / d).exists(), f"{stage}: dep {d} does not exist"
+
+    def covered(f: str) -> bool:
+        return any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
+
+    missing = sorted(f for f in import_closure(STAGE_ENTRIES[stage]) if not covered(f))
+    assert not missing, f"dvc.yaml stage {stage} runs {missing} but does not list them as deps"
+
+
+def test_stage_params_exist_in_params_yaml():
+    flat = set()
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            flat.add(prefix + k)
+            if isinstance(v, dict):
+                walk(v, prefix + k + ".")
+
+    walk(PARAMS)
+    for name, stage in _dvc_stages().items():
+        for key in stage.get("params", []):
+            assert key in flat, f"{name}: params key {key} not in params.yaml"
+
+
+def test_grid_matrix_reads_params():
+    stages = _dvc_stages()
+    for name in ("quantize", "evaluate"):
+        assert stages[name]["matrix"] == {"method": "${grid.methods}", "bits": "${grid.bits}"}
+
+
+# --- report + deployments -----------------------------------------------------------------------
+
+def _metrics(fid: float, extractor: str = "efficientnet-lite0-112") -> dict:
+    return {"fid": fid, "fid_ci_low": fid - 1, "fid_ci_high": fid + 1, "sfid": 2 * fid, "kid_mean": 0.01,
+            "kid_std": 0.001, "is_mean": 5.0, "is_std": 0.1, "extractor": extractor,
+            "extractor_label": "efficientnet-lite0 @112px", "sfid_label": "sFID-proxy", "is_label": "domain IS",
+            "num_samples": 16, "temporal_cos_mean": 0.99, "quant_time_total_s": 12.0}
+
+
+def test_report_table(tmp_path):
+    from tasks.report import build_table
+
+    params = copy.deepcopy(PARAMS)
+    params["eval"]["out_dir"] = str(tmp_path)
+    params["grid"].update(methods=["naive", "tfmq"], bits=["W4A8"])
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "fp.json").write_text(json.dumps(_metrics(10.0)))
+    (tmp_path / "metrics" / "tfmq-W4A8.json").write_text(json.dumps(_metrics(12.5)))
+    text, rows = build_table(params)
+    lines = text.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| Method"))
+    assert "FID (efficientnet-lite0-112)" in header and "sFID" in header and "KID" in header and "IS" in header
+    body = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| Method")]
+    assert [b.split("|")[1].strip() for b in body] == ["FP", "naive", "tfmq"]
+    assert "not run" in body[1] and "12.50" in body[2]
+
+    (tmp_path / "metrics" / "naive-W4A8.json").write_text(json.dumps(_metrics(20.0, extractor="inception-v3-compat-sfid")))
+    with pytest.raises(ValueError, match="cannot share a table"):
+        build_table(params)
+
+
+def test_serve_builds_cron_deployment(tmp_path):
+    from flows.serve import build_deployments
+
+    repro, grid = build_deployments(cron="*/30 * * * *", config=str(REPO / "params.yaml"), repo=str(REPO))
+    assert repro.name == "nightly" and grid.name == "grid"
+    assert [s.schedule.cron for s in repro.schedules] == ["*/30 * * * *"]
+    assert grid.parameters["config"] == str(REPO / "params.yaml")
