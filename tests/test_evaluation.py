@@ -1,0 +1,222 @@
+"""Evaluation suite: Fréchet distance, FID/KID via torch-fidelity extractors, sFID feature path,
+reference-stat caching, domain classifier metrics and the CLIP score (spec section 9)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tfmq.evaluation import classifier as C
+from tfmq.evaluation import extractors as E
+from tfmq.evaluation import metrics as M
+
+
+def _blobs(n: int, seed: int) -> torch.Tensor:
+    """Structured uint8 images [n,1,28,28]: a few soft bright blobs on black (clothing-like statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    img = torch.zeros(n, 28, 28)
+    for _ in range(3):
+        cy, cx = torch.rand(n, 1, 1, generator=g) * 16 + 6, torch.rand(n, 1, 1, generator=g) * 16 + 6
+        r = torch.rand(n, 1, 1, generator=g) * 5 + 3
+        img = torch.maximum(img, torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2)))
+    return (img * 255).round().to(torch.uint8)[:, None]
+
+
+def _noise(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_frechet_distance_closed_form_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    v1, v2 = rng.uniform(0.5, 2.0, size=d), rng.uniform(0.5, 2.0, size=d)
+    expected = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum())
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    for method in ("eigh", "sqrtm"):
+        got = M.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2), method=method)
+        assert got == pytest.approx(expected, rel=1e-10, abs=1e-12)
+        # a rotation of both distributions leaves the distance unchanged (non-diagonal case)
+        rot = M.frechet_distance(q @ mu1, q @ np.diag(v1) @ q.T, q @ mu2, q @ np.diag(v2) @ q.T, method=method)
+        assert rot == pytest.approx(expected, rel=1e-9)
+
+
+def test_eig_formulation_and_bootstrap_agree_with_sqrtm():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(300, 20)) @ rng.normal(size=(20, 20))
+    fake = rng.normal(size=(60, 20)) @ rng.normal(size=(20, 20)) + 0.5
+    mu_r, s_r = M.feature_statistics(ref)
+    mu_f, s_f = M.feature_statistics(fake)
+    exact = M.frechet_distance(mu_f, s_f, mu_r, s_r, method="sqrtm")
+    assert M.frechet_distance(mu_f, s_f, mu_r, s_r) == pytest.approx(exact, rel=1e-9)
+    assert M.frechet_distance_eig(fake, mu_r, M.psd_sqrt(s_r), np.trace(s_r)) == pytest.approx(exact, rel=1e-9)
+    bs = M.bootstrap_fid(fake, mu_r, s_r, num_rounds=50, seed=0)
+    assert bs["ci"][0] < bs["ci"][1] and bs["rounds"] == 50 and bs["std"] > 0
+    assert bs["ci"][0] < exact * 1.5 and bs["ci"][1] > exact * 0.8
+
+
+def test_fid_self_zero_and_noise_large_through_torch_fidelity():
+    import torch_fidelity
+
+    real, noise = M.UInt8ImageDataset(_blobs(16, 0)), M.UInt8ImageDataset(_noise(16, 1))
+    kw = dict(feature_extractor="efficientnet-lite0", fid=True, cuda=False, cache=False, verbose=False, batch_size=16,
+              save_cpu_ram=True)
+    self_fid = torch_fidelity.calculate_metrics(input1=real, input2=real, **kw)["frechet_inception_distance"]
+    noise_fid = torch_fidelity.calculate_metrics(input1=real, input2=noise, **kw)["frechet_inception_distance"]
+    feats = M.extract_features(real.images, "efficientnet-lite0", ["1280"], progress=False)["1280"]
+    mu, sigma = M.feature_statistics(feats)
+    scale = 2 * np.trace(sigma)
+    assert abs(self_fid) / scale < 1e-6
+    ours = M.frechet_distance(mu, sigma, mu, sigma)
+    assert abs(ours) / scale < 1e-6
+    assert noise_fid > 100 * max(abs(self_fid), 1e-3 * scale) and noise_fid > 0.1 * scale
+
+
+def test_reference_cache_and_compute_metrics_provenance(tmp_path):
+    real = _blobs(16, 2)
+    path = tmp_path / "ref_test.safetensors"
+    ref = M.compute_reference_stats(real, path, extractor="efficientnet-lite0", split="test", progress=False)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["split"] == "test" and meta["extractor"] == "efficientnet-lite0-112" and meta["n"] == 16
+    assert meta["image_size"] == 112 and meta["feature_dims"]["spatial"] == 7 * 7 * 7
+    mtime = path.stat().st_mtime_ns
+    again = M.compute_reference_stats(real, path, extractor="efficientnet-lite0", split="test", progress=False)
+    assert path.stat().st_mtime_ns == mtime and np.array_equal(again.mu["1280"], ref.mu["1280"])
+
+    same = M.compute_metrics(real, path, num_bootstrap=20, kid_subsets=10, progress=False)
+    other = M.compute_metrics(_noise(16, 3), ref, num_bootstrap=0, kid_subsets=10, progress=False)
+    ext = "efficientnet-lite0-112"
+    v, w = same["values"], other["values"]
+    assert abs(v[f"fid/{ext}"]) < 1e-6 * 2 * np.trace(ref.sigma["1280"])
+    # unbiased MMD^2 of a set against itself is not exactly 0 (diagonal terms), but tiny next to noise
+    assert abs(v[f"kid_mean/{ext}"]) < 0.05 * w[f"kid_mean/{ext}"]
+    assert w[f"fid/{ext}"] > 100 and w[f"sfid_proxy/{ext}"] > v[f"sfid_proxy/{ext}"]
+    assert set(v) >= {f"fid/{ext}", f"fid_ci95_low/{ext}", f"fid_ci95_high/{ext}", f"sfid_proxy/{ext}",
+                      f"kid_mean/{ext}", f"kid_std/{ext}", f"is_proxy/{ext}", f"is_proxy_std/{ext}"}
+    assert all(k.endswith("/" + ext) for k in v)  # no number without its extractor
+    assert same["n_fake"] == 16 and same["n_ref"] == 16 and same["image_size"] == 112
+    assert same["reference"]["split"] == "test" and "features" in same["seconds"]
+    assert same["metrics"]["sfid"]["label"] == "sFID-proxy (efficientnet-lite0 spatial)"
+    with pytest.raises(ValueError, match="differs from the reference"):
+        M.compute_metrics(real, ref, extractor="efficientnet-lite0-224", progress=False)
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity Inception-v3 state dict with random values, written by the test itself."""
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.manual_seed(0)
+    sd = E.inception_v3_architecture().state_dict()
+    for k, v in sd.items():
+        if k.endswith("running_var"):
+            sd[k] = torch.rand_like(v) + 0.5
+        elif k.endswith("running_mean") or k.endswith("bias"):
+            sd[k] = torch.randn_like(v) * 0.1
+    torch.save(sd, path)
+    return str(path)
+
+
+def test_inception_sfid_feature_path_with_random_weights(random_inception_weights):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    wpath = random_inception_weights
+    fe = E.create_extractor(E.INCEPTION_NAME, ["2048", E.SFID_FEATURE, "logits_unbiased"], weights_path=wpath)
+    x = _blobs(2, 4)
+    f2048, sfid, logits = fe(x.expand(-1, 3, -1, -1))
+    assert f2048.shape == (2, 2048) and sfid.shape == (2, 2023) and logits.shape == (2, 1008)
+    fe.features_list = [E.SFID_FEATURE]  # the early-exit path (stops after Mixed_6e)
+    torch.testing.assert_close(fe(x)[0], sfid)
+    # same network as torch-fidelity's own inception-v3-compat (its loader, on the file this test wrote)
+    ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=wpath)
+    torch.testing.assert_close(ref(x.expand(-1, 3, -1, -1))[0], f2048)
+
+
+def test_inception_metrics_end_to_end_random_weights(tmp_path, random_inception_weights):
+    ref = M.compute_reference_stats(_blobs(4, 5), tmp_path / "ref.safetensors", extractor="inception-v3-compat",
+                                    weights_path=random_inception_weights, progress=False)
+    out = M.compute_metrics(_blobs(4, 6), ref, num_bootstrap=0, kid_subsets=5, is_splits=2, progress=False)
+    ext = E.INCEPTION_NAME
+    assert {f"fid/{ext}", f"sfid/{ext}", f"kid_mean/{ext}", f"is/{ext}"} <= set(out["values"])
+    assert out["metrics"]["sfid"]["dims"] == 2023 and out["image_size"] == 299
+
+
+def test_missing_inception_weights_is_one_clear_error():
+    with pytest.raises(ValueError, match="needs weights_path"):
+        E.create_extractor(E.INCEPTION_NAME, ["2048"])
+
+
+def test_domain_inception_score_constructed_cases():
+    n = 1000
+    labels = torch.arange(n) % 10
+    confident = torch.nn.functional.one_hot(labels, 10).double() * 100.0
+    s = C.domain_inception_score_from_logits(confident, splits=10, shuffle=False)
+    assert s["mean"] == pytest.approx(10.0, rel=1e-9) and s["std"] < 1e-9
+    assert s["label"] == "domain IS (fashion-mnist classifier)"
+    constant = torch.zeros(n, 10)
+    constant[:, 3] = 100.0
+    assert C.domain_inception_score_from_logits(constant, splits=10)["mean"] == pytest.approx(1.0, abs=1e-9)
+
+
+def _class_images(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    # class c = a bright 6x6 square at one of 10 grid positions, plus noise
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 40, (labels.numel(), 1, 28, 28), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(labels.tolist()):
+        r, q = 2 + 12 * (c // 5), 1 + 5 * (c % 5)
+        x[i, 0, r : r + 6, q : q + 4] = 250
+    return x
+
+
+def test_classifier_train_save_load_and_metrics(tmp_path):
+    y = torch.arange(400) % 10
+    yt = torch.arange(100) % 10
+    info = C.train_classifier(_class_images(y, 0), y, _class_images(yt, 1), yt, tmp_path, epochs=2, seed=0,
+                              batch_size=50, progress=False)
+    assert info["test_accuracy"] > 0.9
+    assert (tmp_path / "classifier.safetensors").is_file() and (tmp_path / "classifier.json").is_file()
+    model = C.load_classifier(tmp_path)
+    x = _class_images(yt, 2)
+    acc = C.class_accuracy(model, x, yt)
+    assert acc["accuracy"] > 0.9 and len(acc["per_class"]) == 10 and acc["classifier_test_accuracy"] == info["test_accuracy"]
+    dis = C.domain_inception_score(tmp_path, x)
+    assert 1.0 < dis["mean"] <= 10.0 and dis["label"] == "domain IS (fashion-mnist classifier)"
+
+
+def _tiny_clip_dir(path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    chars = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for tok in chars + [c + "</w>" for c in chars] + ["a</w>", "shirt</w>", "boot</w>", "photo</w>", "of</w>"]:
+        vocab.setdefault(tok, len(vocab))
+    path.mkdir()
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8,
+    )
+    CLIPModel(cfg).save_pretrained(str(path))
+    proc = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(str(path))
+
+
+def test_clip_score_unavailable_and_tiny_local_model(tmp_path):
+    from tfmq.evaluation.clip_score import clip_score
+
+    x = _blobs(3, 7)
+    none = clip_score(x, ["a shirt"] * 3, clip_dir=None)
+    assert none["available"] is False and none["value"] is None and "no CLIP model" in none["reason"]
+    missing = clip_score(x, ["a shirt"] * 3, clip_dir=tmp_path / "nope")
+    assert missing["available"] is False and missing["value"] is None
+    d = tmp_path / "clip"
+    _tiny_clip_dir(d)
+    out = clip_score(x, ["a shirt", "a boot", "photo of a shirt"], clip_dir=d, batch_size=2)
+    assert out["available"] is True and 0.0 <= out["value"] <= 100.0 and out["n"] == 3
+    assert out["model"]["patch_size"] == 8
