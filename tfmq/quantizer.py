@@ -297,6 +297,6 @@ def beta_schedule(step: int, iters: int, warmup: float, beta_start: float, beta_
     start = warmup * iters
     if step < start:
         return None
-    frac = (step - start) / max(iters - start, 1)
+    frac = (step - start) / max(iters - 1 - start, 1)  # 0-based steps: the last one (iters - 1) gets beta_end
     return beta_end + (beta_start - beta_end) * max(0.0, 1.0 - frac)
 

@@ -1,0 +1,439 @@
+"""The quantization engine on tiny diffusers UNets (spec sections 2-8): TIB discovery, layer policies,
+shortcut splitting, finite set calibration, every recipe end to end, TIAR, the feature cache."""
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+import tfmq
+from engine_fixtures import (
+    KINDS,
+    N_SAMPLES,
+    STEPS,
+    calib,
+    calib_cfg,
+    quantized,
+    run,
+    sample_kwargs,
+    scheduler,
+    small_config,
+    tiny_unet,
+    unet_inputs,
+)
+from tfmq.api import weight_calibration_rows
+from tfmq.fsc import temporal_act_quantizers
+from tfmq.layers import QuantAttnProcessor, QuantLayer
+from tfmq.model import act_quantizers, get_state, quant_layers
+from tfmq.quantizer import ActQuantizer, WeightQuantizer, minmax_qparams
+from tfmq.reconstruction import mean_temporal_cos
+from tfmq.sampling import sample
+from tfmq.tib import TemporalInformationBlock
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and 2 threads next to another torch job collapse."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cond(kind: str, n: int) -> dict:
+    return sample_kwargs(kind, n)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. TIB discovery
+@pytest.mark.parametrize("kind", KINDS)
+def test_tib_features_equal_time_emb_proj_outputs_of_a_real_forward(kind):
+    unet = tiny_unet(kind)
+    with_proj = [n for n, m in unet.named_modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
+    tib = TemporalInformationBlock(unet)
+    assert len(with_proj) == 8  # 2 down + 2 mid + 4 up resnets
+    captured = {}  # filled in execution order: down -> mid -> up
+    hooks = [unet.get_submodule(f"{n}.time_emb_proj").register_forward_hook(
+        lambda m, a, out, n=n: captured.__setitem__(n, out.detach().clone())) for n in with_proj]
+    t = torch.tensor([999, 431, 17, 0])
+    cond = _cond(kind, 4)
+    with torch.no_grad():
+        unet(torch.randn(4, 1, 8, 8), t, **cond)
+    for h in hooks:
+        h.remove()
+    feats = tfmq.temporal_features(unet, t, cond.get("class_labels"))
+    assert len(feats) == len(with_proj) and tib.names == list(captured)
+    for n, f in zip(tib.names, feats):
+        assert f.shape == captured[n].shape == (4, unet.get_submodule(f"{n}.time_emb_proj").out_features)
+        torch.testing.assert_close(f, captured[n], rtol=0, atol=1e-6)
+    # the features depend on t (and on the class for the class-conditional model)
+    assert float((feats[0][0] - feats[0][1]).abs().max()) > 1e-3
+    if kind == "class":
+        other = tfmq.temporal_features(unet, t, (cond["class_labels"] + 1) % 3)
+        assert float((other[0] - feats[0]).abs().max()) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# 6. layer policies
+@pytest.mark.parametrize("kind", ["uncond", "text"])
+def test_policy_tfmq_keeps_the_released_float_layers(kind):
+    fp = tiny_unet(kind)
+    names = {n for n, m in fp.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    kept = {"conv_in", "conv_out", "time_embedding.linear_1"} | {
+        n for n in names if n.endswith("conv_shortcut") or ".downsamplers." in n}
+    assert {"down_blocks.0.downsamplers.0.conv", "up_blocks.0.resnets.0.conv_shortcut"} <= kept
+    unet = tfmq.prepare_model(tiny_unet(kind), small_config("tfmq"))
+    for n in names:
+        m = unet.get_submodule(n)
+        if n in kept:
+            assert type(m) in (nn.Conv2d, nn.Linear), n
+        else:
+            assert isinstance(m, QuantLayer), n
+    for n in ("time_embedding.linear_2", "down_blocks.0.resnets.0.conv1"):
+        layer = unet.get_submodule(n)
+        assert isinstance(layer, QuantLayer) and len(layer.wq) == 1 and layer.aq is None, n
+    assert unet.get_submodule("down_blocks.0.resnets.0.conv2").aq is not None
+    assert unet.get_submodule("up_blocks.0.upsamplers.0.conv").aq is not None  # upsamplers are not exempt
+    assert len(list(quant_layers(unet))) == len(names) - len(kept)
+
+
+@pytest.mark.parametrize("kind", ["uncond", "text"])
+def test_policy_all_wraps_every_conv_and_linear(kind):
+    fp = tiny_unet(kind)
+    names = [n for n, m in fp.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    unet = tfmq.prepare_model(tiny_unet(kind), small_config("tfmq", policy="all"))
+    assert all(isinstance(unet.get_submodule(n), QuantLayer) for n in names)
+    assert all(unet.get_submodule(n).aq is not None for n in names)
+    assert not [n for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+
+
+@pytest.mark.parametrize("kind,method", [("uncond", "qdiffusion"), ("text", "qdiffusion"), ("class", "tfmq")])
+def test_prepared_model_in_fp_mode_is_the_fp_model(kind, method):
+    """Wrapping (incl. the matmul-quantizing attention processor) changes nothing until enabled."""
+    fp = tiny_unet(kind)
+    unet = tfmq.prepare_model(tiny_unet(kind), small_config(method))
+    if method == "qdiffusion":
+        assert sum(isinstance(m, QuantAttnProcessor) for m in unet.modules()) > 0
+    x = unet_inputs(kind, step=1)
+    torch.testing.assert_close(run(unet, x), run(fp, x), rtol=0, atol=1e-5)
+    sd = unet.state_dict()  # wrapping keeps every FP tensor under its name
+    assert all(torch.equal(sd[k], v) for k, v in fp.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Q-Diffusion shortcut split
+@pytest.mark.parametrize("kind", ["uncond", "text"])
+def test_qdiffusion_splits_up_block_shortcuts_at_the_deep_feature_channels(kind):
+    fp = tiny_unet(kind)
+    deep, hooks = {}, []  # channels of the deep feature each up-block resnet concatenates with its skip
+    for bi, block in enumerate(fp.up_blocks):
+        def pre(m, args, kwargs, bi=bi):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            deep[(bi, 0)] = h.shape[1]
+        hooks.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        for j, r in enumerate(block.resnets[1:], start=1):
+            deep[(bi, j)] = block.resnets[j - 1].out_channels
+    run(fp, unet_inputs(kind))
+    for h in hooks:
+        h.remove()
+    unet = tfmq.prepare_model(tiny_unet(kind), small_config("qdiffusion"))
+    split_layers = {n: l for n, l in quant_layers(unet) if l.split is not None}
+    expected = {f"up_blocks.{bi}.resnets.{j}.conv_shortcut": c for (bi, j), c in deep.items()}
+    assert {n: l.split for n, l in split_layers.items()} == expected
+    assert expected["up_blocks.0.resnets.0.conv_shortcut"] == 16 and len(expected) == 4
+    for n, l in split_layers.items():
+        assert len(l.wq) == 2 and len(l.aq) == 2
+        c_in = l.weight.shape[1]
+        assert l.wq[0].scale.shape[0] == l.wq[1].scale.shape[0] == l.weight.shape[0] and 0 < l.split < c_in
+    assert unet.get_submodule("down_blocks.1.resnets.0.conv_shortcut").split is None  # no concat there
+    # with every quantizer off, the split forward is the FP forward
+    x = unet_inputs(kind)
+    torch.testing.assert_close(run(unet, x), run(fp, x), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. finite set calibration
+def test_fsc_all_gives_one_table_entry_per_calibrated_timestep():
+    q = quantized("uncond", "tfmq")
+    c = calib("uncond")
+    acts = list(act_quantizers(q))
+    assert len(acts) == 40
+    for name, a in acts:
+        assert a.mode == "table" and a.enabled, name
+        assert a.table_timesteps.tolist() == sorted(c.timesteps), name
+        assert a.table_scale.shape == a.table_zero_point.shape == (STEPS,)
+        assert bool((a.table_scale > 0).all())
+    varying = [n for n, a in acts if float(a.table_scale.max() / a.table_scale.min()) > 1.05]
+    assert len(varying) >= len(acts) // 4, varying
+    assert get_state(q).stats["activations"]["fsc"]["timesteps"] == c.timesteps
+
+
+def test_fsc_temporal_table_equals_min_max_of_the_quantized_temporal_input():
+    """The input of a time_emb_proj is SiLU(h^q(t)): every row of a step is the same, so EMA = min/max."""
+    q = quantized("uncond", "tfmq")
+    ts = torch.tensor(sorted(calib("uncond").timesteps))
+    with torch.no_grad():
+        x = F.silu(TemporalInformationBlock(q).embedding(ts))
+    for name, l in quant_layers(q):
+        if not name.endswith("time_emb_proj"):
+            continue
+        s, z = minmax_qparams(x.min(1).values, x.max(1).values, 8)
+        torch.testing.assert_close(l.aq[0].table_scale, s, rtol=1e-5, atol=0)
+        torch.testing.assert_close(l.aq[0].table_zero_point, z, rtol=0, atol=1.0)
+        assert float((l.aq[0].table_zero_point - z).abs().sum()) <= 1.0
+
+
+def test_fsc_selects_the_entry_of_the_call_timestep():
+    q = quantized("uncond", "tfmq")
+    name, aq = next((n, a) for n, a in act_quantizers(q) if float(a.table_scale.max() / a.table_scale.min()) > 1.05)
+    used = []
+    h = aq.register_forward_hook(lambda m, args, out: used.append(m.current_qparams(args[0])[0].item()))
+    x = unet_inputs("uncond", n=2)
+    outs = {}
+    try:
+        for t in (800, 200, 0):
+            outs[t] = run(q, {**x, "timestep": torch.full((2,), t)})
+    finally:
+        h.remove()
+    table = dict(zip(aq.table_timesteps.tolist(), aq.table_scale.tolist()))
+    assert used == [table[800], table[200], table[0]]
+    assert len(set(used)) > 1
+    # a batch mixing timesteps uses each row's own entry
+    mixed = run(q, {**x, "timestep": torch.tensor([800, 0])})
+    torch.testing.assert_close(mixed[0], outs[800][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[1], outs[0][1], rtol=0, atol=1e-5)
+
+
+def test_uncalibrated_timestep_raises():
+    q = quantized("uncond", "tfmq")
+    x = unet_inputs("uncond", n=2)
+    with pytest.raises(tfmq.UncalibratedTimestepError, match=r"timestep 17\b"):
+        run(q, {**x, "timestep": torch.full((2,), 17)})
+    with pytest.raises(tfmq.UncalibratedTimestepError, match=r"timestep 999\b"):
+        run(q, {**x, "timestep": torch.tensor([800, 999])})
+    # shared ranges (fsc=False) have no notion of timesteps
+    assert torch.isfinite(run(quantized("uncond", "tfmq", fsc=False), {**x, "timestep": torch.full((2,), 17)})).all()
+
+
+def test_fsc_scope_tib_tables_only_on_the_temporal_quantizers():
+    q = quantized("uncond", "tfmq", fsc_scope="tib")
+    tib_q = {id(a) for a in temporal_act_quantizers(q)}
+    assert len(tib_q) == 8  # one input quantizer per time_emb_proj (linear_2 has none under policy tfmq)
+    modes = {n: (a.mode, id(a) in tib_q) for n, a in act_quantizers(q)}
+    assert all(m == ("table" if is_tib else "shared") for m, is_tib in modes.values()), modes
+    assert sum(is_tib for _, is_tib in modes.values()) == 8
+    assert all(a.table_timesteps.tolist() == [0, 200, 400, 600, 800] for a in temporal_act_quantizers(q))
+
+
+def test_fsc_false_gives_shared_ranges():
+    q = quantized("uncond", "tfmq", fsc=False)
+    assert {a.mode for _, a in act_quantizers(q)} == {"shared"}
+    assert all(a.table_timesteps.numel() == 0 for _, a in act_quantizers(q))
+    assert get_state(q).stats["activations"]["mode"] == "ema"
+
+
+def test_fsc_rows_of_a_cfg_set_keep_null_and_conditional_rows():
+    """fsc_n_per_step on a classifier-free-guidance set must pick (null, cond) pairs, not the first n rows
+    (which are all null-condition rows in the CalibrationSet layout)."""
+    c = calib_cfg()
+    assert c.cfg and c.load_step(0)["class_labels"].tolist() == [2, 2, 2, 2, 0, 1, 0, 1]
+    cfg = small_config("tfmq", recon={"iters": 0}, tiar_recon={"iters": 0}, calib={"fsc_n_per_step": 4})
+    unet = tfmq.prepare_model(tiny_unet("class"), cfg)
+    tfmq.reconstruct_temporal(unet, c, progress=False)
+    tfmq.reconstruct_blocks(unet, c, progress=False)
+    seen = []
+    h = unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["class_labels"].tolist()), with_kwargs=True)
+    try:
+        tfmq.calibrate_activations(unet, c, progress=False)
+    finally:
+        h.remove()
+    labels = sorted(v for batch in seen for v in batch)
+    assert len(labels) == STEPS * 4
+    assert labels.count(2) == STEPS * 2, f"FSC rows per step should be 2 null + 2 conditional, saw labels {seen}"
+
+
+# --------------------------------------------------------------------------------------------
+# 8 (spec). PTQ4DM calibration timesteps
+def test_ptq4dm_weight_set_is_skewed_toward_small_t():
+    """Spec section 8: NDTC draws calibration timesteps from a normal distribution skewed toward small t."""
+    c = calib("uncond")  # timesteps 800, 600, 400, 200, 0
+    rows = weight_calibration_rows(c, small_config("ptq4dm"), "ptq4dm")
+    t = rows["timestep"].double()
+    assert len(t) == 3 * 8  # same size as the every-k set
+    mean_schedule = sum(c.timesteps) / len(c.timesteps)
+    assert float(t.mean()) < mean_schedule, f"PTQ4DM rows lean to large t: {rows['timestep'].tolist()}"
+    assert int((t <= 200).sum()) > int((t >= 600).sum()), rows["timestep"].tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# 9. every recipe end to end
+RECIPE_VARIANTS = [
+    ("naive", {}), ("brecq", {}), ("freeze", {}), ("ptq4dm", {}), ("qdiffusion", {}), ("tfmq", {}),
+    ("tfmq", {"tiar": False}), ("tfmq", {"fsc": False}),
+]
+
+
+def _ids(v):
+    return v[0] + "".join(f"-{k}={w}" for k, w in v[1].items())
+
+
+@pytest.mark.parametrize("variant", RECIPE_VARIANTS, ids=_ids)
+def test_recipe_w4a8_quantizes_and_samples(variant):
+    method, kw = variant
+    q = quantized("uncond", method, **kw)
+    state = get_state(q)
+    assert state.stages_done == ["temporal", "blocks", "activations"]
+    recipe = tfmq.get_recipe(method)
+    assert state.config.policy == recipe.policy
+    layers = list(quant_layers(q))
+    assert layers and all(l.finalized and l.use_wq for _, l in layers)
+    for n, l in layers:
+        for wq in l.wq:
+            assert wq.w_int.dtype == torch.uint8 and int(wq.w_int.max()) <= 15, n
+    acts = list(act_quantizers(q))
+    assert acts and all(a.enabled and a.mode in ("shared", "table") for _, a in acts)
+    if method == "qdiffusion":
+        assert any(isinstance(m, QuantAttnProcessor) for m in q.modules())
+        assert any(l.split for _, l in layers)
+    if kw.get("tiar") is False:
+        assert state.stats["temporal"]["mode"] == "nearest"
+    elif method == "tfmq":
+        assert state.stats["temporal"]["mode"] == "tiar" and state.stats["temporal"]["iters"] == 10
+    fp = tiny_unet("uncond")
+    x = unet_inputs("uncond")
+    out, ref = run(q, x), run(fp, x)
+    cos = float(F.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+    assert not torch.equal(out, ref) and cos > 0.8, cos
+    imgs = sample(q, scheduler(), num_samples=3, num_inference_steps=STEPS, batch_size=3, seed=1, progress=False)
+    assert imgs.shape == (3, 1, 8, 8) and bool(torch.isfinite(imgs).all())
+
+
+@pytest.mark.parametrize("kind,method", [("class", "tfmq"), ("text", "tfmq"), ("text", "qdiffusion")])
+def test_conditional_unets_quantize_and_sample(kind, method):
+    q = quantized(kind, method)
+    imgs = sample(q, scheduler(), num_samples=3, num_inference_steps=STEPS, batch_size=3, seed=1, progress=False,
+                  **_cond(kind, 3))
+    assert imgs.shape == (3, 1, 8, 8) and bool(torch.isfinite(imgs).all())
+    if method == "tfmq":
+        assert {a.mode for _, a in act_quantizers(q)} == {"table"}
+    if kind == "class" and method == "tfmq":  # TIAR is fitted on every (t, class) pair of the calibration set
+        assert get_state(q).stats["temporal"]["rows"] == STEPS * 3
+
+
+@pytest.mark.parametrize("method", ["tfmq", "qdiffusion"])
+def test_weight_only_has_no_enabled_act_quantizers(method):
+    q = quantized("uncond", method, act_bits=None)
+    assert get_state(q).config.bits_name == "W4A32"
+    assert not [n for n, a in act_quantizers(q) if a.enabled]
+    assert not any(isinstance(m, QuantAttnProcessor) for m in q.modules())
+    assert all(l.use_wq and l.finalized for _, l in quant_layers(q))
+    x = unet_inputs("uncond", n=2)
+    out = run(q, {**x, "timestep": torch.full((2,), 17)})  # no activation table: any timestep works
+    assert bool(torch.isfinite(out).all())
+
+
+def test_temporal_layers_are_frozen_after_the_temporal_stage():
+    """freeze: TIB rounded to nearest; tfmq: TIB rounded by TIAR (differs from nearest); BRECQ leaves both alone."""
+    for method, expect_rtn in (("freeze", True), ("tfmq", False)):
+        q = quantized("uncond", method)
+        names = set(TemporalInformationBlock(q).layer_names())
+        tib_layers = [(n, l) for n, l in quant_layers(q) if n in names]
+        assert len(tib_layers) == 9  # linear_2 + 8 time_emb_proj (linear_1 stays float under policy tfmq)
+        changed = 0
+        for n, l in tib_layers:
+            wq = l.wq[0]
+            rtn = torch.clamp(torch.round(l.weight / wq.scale) + wq.zero_point, 0, 15)
+            changed += int((wq.w_int.float() != rtn).sum())
+        assert (changed == 0) if expect_rtn else (changed > 0), (method, changed)
+        assert "time_embedding.linear_2" not in get_state(q).stats["blocks"]["units"]
+
+
+def test_quantize_leaves_no_gradients_on_the_fp_model():
+    """Only AdaRound alphas (and Q-Diffusion's step sizes) learn: the FP weights, biases and norms must not
+    get (and keep) gradients -- wasted backward compute and one gradient buffer per FP tensor."""
+    fp_names = set(dict(tiny_unet("uncond").named_parameters()))
+    for method in ("tfmq", "qdiffusion"):
+        q = quantized("uncond", method)
+        with_grad = [n for n, p in q.named_parameters() if n in fp_names and p.grad is not None]
+        assert not with_grad, f"{method}: {len(with_grad)} parameters hold gradients, e.g. {with_grad[:4]}"
+
+
+# --------------------------------------------------------------------------------------------
+# 10. TIAR lowers the temporal feature error
+def test_tiar_lowers_temporal_feature_error():
+    ts = calib("uncond").timesteps
+    fp = tfmq.temporal_features(tiny_unet("uncond"), ts)
+    err = {
+        "tfmq": mean_temporal_cos(fp, tfmq.temporal_features(quantized("uncond", "tfmq", tiar_recon={"iters": 200}), ts)),
+        "tfmq_tiar_off": mean_temporal_cos(fp, tfmq.temporal_features(quantized("uncond", "tfmq", tiar=False), ts)),
+        "naive": mean_temporal_cos(fp, tfmq.temporal_features(quantized("uncond", "naive"), ts)),
+        "qdiffusion": mean_temporal_cos(fp, tfmq.temporal_features(quantized("uncond", "qdiffusion"), ts)),
+    }
+    print("\nW4A8 mean(1 - cos(emb, emb_q)):", {k: f"{v:.3e}" for k, v in err.items()})
+    assert err["tfmq"] < err["naive"] and err["tfmq"] < err["qdiffusion"]
+    assert err["tfmq"] < err["tfmq_tiar_off"]  # same policy and FSC: the gain is TIAR's
+    assert all(v > 0 for v in err.values())
+
+
+# --------------------------------------------------------------------------------------------
+# 12. cached temporal features
+@pytest.mark.parametrize("kind", ["uncond", "class"])
+def test_cached_temporal_features_equal_fp_features(kind):
+    q = quantized(kind, "tfmq", cached_temporal_features=True)
+    c = calib(kind)
+    fp = tiny_unet(kind)
+    if kind == "class":
+        ts = torch.tensor(c.timesteps).repeat_interleave(3)
+        labels = torch.arange(3).repeat(STEPS)
+    else:
+        ts, labels = torch.tensor(c.timesteps), None
+    got = tfmq.temporal_features(q, ts, labels)
+    want = tfmq.temporal_features(fp, ts, labels)
+    assert len(got) == len(want) == 8
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    plain = tfmq.temporal_features(quantized(kind, "tfmq"), ts, labels)
+    assert mean_temporal_cos(want, plain) > 0  # without the cache the quantized TIB does differ
+    imgs = sample(q, scheduler(), num_samples=2, num_inference_steps=STEPS, batch_size=2, seed=3, progress=False,
+                  **_cond(kind, 2))
+    assert imgs.shape == (2, 1, 8, 8) and bool(torch.isfinite(imgs).all())
+    with pytest.raises(tfmq.UncalibratedTimestepError):
+        tfmq.temporal_features(q, torch.tensor([17]), None if labels is None else labels[:1])
+
+
+# --------------------------------------------------------------------------------------------
+# stage API guards
+def test_stages_run_in_order_once():
+    unet = tfmq.prepare_model(tiny_unet("uncond"), small_config("naive"))
+    c = calib("uncond")
+    with pytest.raises(ValueError, match="needs temporal"):
+        tfmq.reconstruct_blocks(unet, c, progress=False)
+    with pytest.raises(ValueError, match="weight_bits=8"):
+        tfmq.reconstruct_temporal(unet, c, small_config("naive", weight_bits=8), progress=False)
+    tfmq.reconstruct_temporal(unet, c, progress=False)
+    with pytest.raises(ValueError, match="already run"):
+        tfmq.reconstruct_temporal(unet, c, progress=False)
+    with pytest.raises(ValueError, match="already prepared"):
+        tfmq.prepare_model(unet, small_config("naive"))
+
+
+# --------------------------------------------------------------------------------------------
+# device / dtype moves
+def test_integer_grid_is_a_buffer_that_moves_with_the_model():
+    """``unet.to(device)`` only moves parameters and buffers: a plain-attribute w_int stays behind."""
+    q = quantized("uncond", "naive")
+    wqs = [m for m in q.modules() if isinstance(m, WeightQuantizer)]
+    assert wqs and all(m.mode == "int" for m in wqs)
+    plain = [m for m in wqs if "w_int" not in dict(m.named_buffers())]
+    assert not plain, f"{len(plain)}/{len(wqs)} WeightQuantizer.w_int are plain attributes, not buffers"
+
+
+def test_quantized_model_follows_dtype_conversion():
+    """``unet.to(dtype)`` after a forward must not leave the cached float weights in the old dtype."""
+    q = tfmq.quantize(tiny_unet("uncond"), calib("uncond"), small_config("naive"), progress=False)
+    x = unet_inputs("uncond", n=2)
+    ref = run(q, x)  # a forward fills the per-layer float weight cache
+    q.to(torch.float64)
+    out = run(q, {**x, "sample": x["sample"].double()})
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-4)
