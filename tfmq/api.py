@@ -86,7 +86,8 @@ def weight_calibration_rows(calib, config: QuantConfig, weight_set: str) -> dict
     c = config.calib
     if weight_set == "ptq4dm":
         n_total = c.ptq4dm_n_total or len(range(0, calib.num_steps, c.every_k)) * c.n_per_step
-        return cd.ptq4dm_timesteps(calib, n_total, mean_frac=c.ptq4dm_mean_frac, std_frac=c.ptq4dm_std_frac, seed=config.seed)
+        # config: fraction along the trajectory (0.75 = late steps, small t); the selector takes t / T
+        return cd.ptq4dm_timesteps(calib, n_total, mean_frac=1.0 - c.ptq4dm_mean_frac, std_frac=c.ptq4dm_std_frac, seed=config.seed)
     return cd.every_kth_step(calib, c.every_k, c.n_per_step)
 
 
@@ -130,11 +131,12 @@ def reconstruct_blocks(unet: nn.Module, calib, config: QuantConfig | None = None
 
 
 def _steps(calib, n_per_step: int | None) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    from . import calibration_data as cd
+
     out = []
     for i, t in enumerate(calib.timesteps):
-        rows = calib.load_step(i)
-        if n_per_step is not None:
-            rows = {k: v[:n_per_step] for k, v in rows.items()}
+        # select_steps keeps null/conditional pairs together when rows are subsampled (CFG)
+        rows = calib.load_step(i) if n_per_step is None else cd.select_steps(calib, [i], n_per_step)
         out.append((int(t), rows))
     return out
 

@@ -42,7 +42,14 @@ def _versions() -> dict[str, str]:
 
 def fp_fingerprint(unet: nn.Module) -> dict[str, float]:
     """Sum of |w| (float64) of every FP parameter, keyed by name: cheap identity of the FP weights."""
-    return {n: float(p.detach().double().abs().sum()) for n, p in unet.named_parameters() if not n.endswith(("alpha", ".scale"))}
+    out = {}
+    for n, p in unet.named_parameters():
+        if n.endswith(("alpha", ".scale")):
+            continue
+        w = p.detach().double().flatten()
+        pos = torch.linspace(-1.0, 1.0, w.numel(), dtype=torch.float64, device=w.device) + 0.5
+        out[n] = float(w.abs().sum()) + 1.0e3 * float((w * pos).sum())
+    return out
 
 
 def _unet_config(unet: nn.Module) -> dict[str, Any]:

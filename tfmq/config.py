@@ -191,7 +191,7 @@ class QuantConfig:
 
 
 def parse_bits(name: str) -> tuple[int, int | None]:
-    """``"W4A8" -> (4, 8)``; ``"W4A32"`` (or ``"W4A16"`` and up) means weight-only -> ``(4, None)``."""
+    """``"W4A8" -> (4, 8)``; ``"W4A32"`` (A32 and up) means weight-only -> ``(4, None)``."""
     m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", str(name).strip())
     if not m:
         raise ConfigError(f"bits={name!r}: expected the form W<weight bits>A<activation bits>, e.g. W4A8 or W4A32")

@@ -93,6 +93,10 @@ class QuantLayer(nn.Module):
             for q in self.aq:
                 q.enabled = act
 
+    def _apply(self, fn, *args, **kwargs):
+        self._w_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
     def invalidate_cache(self) -> None:
         self._w_cache = None
 

@@ -81,6 +81,13 @@ def _forward_params(unet: nn.Module) -> set[str]:
     return set(inspect.signature(unet.forward).parameters)
 
 
+def _third_param(unet: nn.Module) -> str | None:
+    import inspect
+
+    names = list(inspect.signature(unet.forward).parameters)
+    return names[2] if len(names) > 2 else None
+
+
 def _timestep_hook(ctx: TimestepContext):
     def hook(module, args, kwargs):
         sample = kwargs.get("sample", args[0] if args else None)
@@ -92,7 +99,9 @@ def _timestep_hook(ctx: TimestepContext):
             t = t[None]
         t = t.round().to(torch.int64).expand(sample.shape[0]) if t.numel() == 1 else t.round().to(torch.int64)
         ctx.timesteps = t
-        ctx.class_labels = kwargs.get("class_labels", args[2] if len(args) > 2 and isinstance(args[2], torch.Tensor) else None)
+        # class_labels is the 3rd positional argument of UNet2DModel only (UNet2DConditionModel: encoder_hidden_states)
+        positional = args[2] if len(args) > 2 and _third_param(module) == "class_labels" else None
+        ctx.class_labels = kwargs.get("class_labels", positional)
         return None
 
     return hook

@@ -95,7 +95,7 @@ class WeightQuantizer(nn.Module):
         self.mode = "nearest"
         self.soft = False
         self.alpha: nn.Parameter | None = None
-        self.w_int: torch.Tensor | None = None
+        self.register_buffer("w_int", None)
 
     # --- AdaRound -------------------------------------------------------------------------
     def init_adaround(self, weight: torch.Tensor) -> None:

@@ -205,6 +205,7 @@ def _optimize(
     if iters == 0 or not params:
         return {"iters": 0}
     opt = torch.optim.Adam(params, lr=lr)
+    learn = {id(p) for p in params}
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0) if cosine else None
     gen = torch.Generator().manual_seed(seed)
     first = last = float("nan")
@@ -215,8 +216,9 @@ def _optimize(
             rec = step_fn(idx)
             reg = reg_fn(step) if reg_fn is not None else None
             loss = rec if reg is None else rec + reg
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            grads = torch.autograd.grad(loss, params)  # only the learned tensors: no .grad on FP weights
+            for p, g in zip(params, grads):
+                p.grad = g
             opt.step()
             if sched is not None:
                 sched.step()
