@@ -68,11 +68,16 @@ def finite_set_calibration(
 ) -> dict[str, Any]:
     """Per-timestep EMA min-max tables for ``quantizers``; ``steps`` = [(t, rows of that step)]."""
     t0 = time.perf_counter()
+    # a timestep the sampler visits twice (PLMS warm-up) gets one entry fitted on both steps' rows
+    merged: dict[int, Batch] = {}
+    for t, rows in steps:
+        t = int(t)
+        merged[t] = rows if t not in merged else {k: torch.cat([merged[t][k], v]) for k, v in rows.items()}
     set_quant_state(unet, weight=True, act=False)
     _enable_only(unet, quantizers)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t, rows in tqdm(steps, desc="FSC timesteps", disable=not progress):
+        for t, rows in tqdm(list(merged.items()), desc="FSC timesteps", disable=not progress):
             for q in quantizers:
                 q.start_observing(momentum)
             order = torch.randperm(num_rows(rows), generator=gen)
@@ -84,7 +89,7 @@ def finite_set_calibration(
         q.commit_table()
     return {
         "quantizers": len(quantizers),
-        "timesteps": [int(t) for t, _ in steps],
+        "timesteps": list(merged),
         "rows_per_step": num_rows(steps[0][1]) if steps else 0,
         "momentum": momentum,
         "batch_size": batch_size,
