@@ -148,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK")
         return 0
     from flows.stages import PLAIN
+    from tasks.common import configure_torch
 
     PLAIN.set(bool(args.no_prefect))
+    configure_torch()
     t0 = time.time()
     try:
         result = _dispatch(args, params)

@@ -1,0 +1,183 @@
+"""End to end on the micro config: the Prefect flows, MLflow records, and a real ``dvc repro``.
+
+One Prefect test server for the module (``prefect_test_harness``); the DVC stage processes report
+to the same server through PREFECT_API_URL, exactly as they do under the served deployment.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline_fixtures import make_workspace, micro_params, subprocess_env, write_idx_dataset
+
+GRID = (["naive", "tfmq"], ["W4A8"])
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server + DB for this module; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_idx_dataset(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="module")
+def compared(prefect_api, data_root, tmp_path_factory):
+    """Run the ``compare`` flow on the micro grid in-process; returns the workspace."""
+    import os
+
+    ws = tmp_path_factory.mktemp("ws")
+    params = micro_params(data_root, f"sqlite:///{ws / 'mlflow.db'}", *GRID)
+    make_workspace(ws, params)
+    import torch
+
+    old, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(ws)
+    torch.set_num_threads(1)  # micro tensors: 1 thread is as fast, and robust when other jobs share the cores
+    try:
+        from flows.pipeline import compare
+
+        table = compare(config="params.yaml")
+    finally:
+        os.chdir(old)
+        torch.set_num_threads(threads)
+    return ws, table
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_compare_flow_writes_every_output(compared):
+    ws, table_path = compared
+    assert table_path == "results/results.md"
+    table = (ws / table_path).read_text()
+    rows = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ") and "Method" not in ln]
+    assert rows == ["FP", "naive", "tfmq"]
+    for name in ("fp", "naive-W4A8", "tfmq-W4A8"):
+        m = json.loads((ws / "results" / "metrics" / f"{name}.json").read_text())
+        for key in ("fid", "sfid", "kid_mean", "is_mean"):
+            assert _finite(m[key]), (name, key, m[key])
+        assert m["extractor"].startswith("efficientnet-lite0") and m["num_samples"] == 16
+        assert (ws / "results" / name / "plots" / "samples.png").is_file()
+        if name != "fp":
+            assert 0.0 < m["temporal_cos_mean"] <= 1.0 + 1e-6
+            assert m["quant_time_total_s"] > 0
+            times = json.loads((ws / "quant" / name / "stage_times.json").read_text())
+            assert set(times) == {"recon_tib", "recon_blocks", "calibrate_activations"}
+            for ckpt in ("tib", "blocks", "model"):
+                assert (ws / "quant" / name / ckpt).is_dir()
+            assert (ws / "results" / name / "temporal.csv").read_text().startswith("timestep")
+
+
+def test_flow_and_task_runs_recorded(compared, prefect_api):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def runs():
+        async with get_client() as client:
+            return await client.read_flow_runs(), await client.read_task_runs()
+
+    flow_runs, task_runs = asyncio.run(runs())
+    names = {r.name for r in flow_runs}
+    assert {"naive-W4A8", "tfmq-W4A8", "quantize-tfmq-W4A8", "evaluate-tfmq-W4A8"} <= names
+    assert all(r.state.is_completed() for r in flow_runs if r.name in names)
+    task_names = {r.name.rsplit("-", 1)[0] for r in task_runs}
+    assert {"recon_tib", "recon_blocks", "calibrate_activations", "sample_and_score", "log_run"} <= task_names
+
+
+def test_mlflow_run_per_setting(compared):
+    import mlflow
+
+    ws, _ = compared
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["micro"], output_format="list")
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"fp", "naive-W4A8", "tfmq-W4A8"}
+    r = by_name["tfmq-W4A8"]
+    for key in ("fid", "sfid", "kid_mean", "is_mean", "temporal_cos_mean", "quant_time_total_s",
+                "quant_time_recon_tib_s"):
+        assert key in r.data.metrics, key
+    assert r.data.tags["method"] == "tfmq" and r.data.tags["bits"] == "W4A8"
+    assert r.data.tags["extractor"].startswith("efficientnet-lite0") and r.data.tags["git_commit"]
+    assert r.data.params["quant.method"] == "tfmq" and r.data.params["quant.weight_bits"] == "4"
+    assert r.data.params["sampler.num_inference_steps"] == "4"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id, "plots")}
+    assert "plots/samples.png" in artifacts
+    history = mlflow.MlflowClient().get_metric_history(r.info.run_id, "per_t.temporal_cos")
+    assert len(history) == 4  # one point per sampler timestep
+
+
+def _dvc(ws: Path, env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"dvc {' '.join(args)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def _git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True, check=True).stdout
+
+
+def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
+    ws = tmp_path / "repo"
+    params = micro_params(data_root, f"sqlite:///{tmp_path / 'mlflow.db'}", ["tfmq"], ["W4A8"])
+    params["mlflow"]["experiment"] = "micro-dvc"
+    make_workspace(ws, params)
+    env = subprocess_env(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / ".prefect"), TFMQ_TORCH_THREADS="1")
+    _git(ws, "init", "-q")
+    _git(ws, "config", "user.email", "ci@example.com")
+    _git(ws, "config", "user.name", "ci")
+    _dvc(ws, env, "init", "-q")
+    _dvc(ws, env, "config", "core.analytics", "false")
+    (ws / ".gitignore").write_text("__pycache__/\n*.pyc\n")
+    _git(ws, "add", "-A")
+    _git(ws, "commit", "-qm", "micro pipeline")
+
+    # train_fp_class is not upstream of the report; everything else runs for real.
+    _dvc(ws, env, "repro", "report")
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert {"prepare_data", "train_fp", "calib_data", "quantize@tfmq-W4A8", "evaluate@tfmq-W4A8", "evaluate_fp",
+            "quantize_exp", "evaluate_exp", "report"} <= set(lock)
+    assert lock["quantize@tfmq-W4A8"]["params"]["params.yaml"]["quant.recon"]["iters"] == 2
+    table = (ws / "results" / "results.md").read_text()
+    assert "| tfmq | W4A8 |" in table and "| FP | W32A32 |" in table
+    again = _dvc(ws, env, "repro", "report")
+    assert "Running stage" not in again.stdout
+
+    # The dataset snapshot is byte-deterministic: a forced re-run leaves the locked hash as it was.
+    data_md5 = lock["prepare_data"]["outs"][0]["md5"]
+    _dvc(ws, env, "repro", "-f", "-s", "prepare_data")
+    assert yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["prepare_data"]["outs"][0]["md5"] == data_md5
+
+    _git(ws, "add", "-A")
+    _git(ws, "commit", "-qm", "micro results")
+    # An experiment on the quant section: only the *_exp stages re-run, then metrics diff shows it.
+    exp = _dvc(ws, env, "exp", "run", "-S", "quant.weight_bits=4", "-S", "quant.act_bits=8", "evaluate_exp")
+    assert "Running stage 'quantize_exp'" in exp.stdout and "quantize@" not in exp.stdout
+    diff = _dvc(ws, env, "metrics", "diff", "--json")
+    changed = json.loads(diff.stdout)
+    assert any(path.endswith("exp.json") for path in changed), changed
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["micro-dvc"], output_format="list")
+    names = [r.info.run_name for r in runs]
+    assert sorted(names) == sorted(["fp", "tfmq-W4A8", "exp", "exp"]), names
+    assert all("fid" in r.data.metrics for r in runs)
+    assert {r.data.tags["dvc_stage"] for r in runs} >= {"evaluate@tfmq-W4A8", "evaluate_exp"}
