@@ -83,89 +83,33 @@ def _domain_scores(params: dict[str, Any], images, labels) -> dict[str, Any] | N
 
 @pipeline_task
 def temporal_analysis(params: dict[str, Any], checkpoint: str, results_dir: str) -> dict[str, Any]:
-    """FP vs quantized: temporal feature cos per (t, resnet), mismatch delta, trajectory deviation; csv + plots."""
+    """FP vs quantized: temporal feature cos per (t, resnet), mismatch delta, trajectory deviation, ranges; plots."""
+    import torch
+
+    from tfmq.evaluation.temporal import default_activation_layers, temporal_report
     from tfmq.io import atomic_write_text
 
     e, s = params["eval"], params["sampler"]
     fp_unet, train_sched = load_unet(params, None)
     q_unet, _ = load_unet(params, checkpoint)
+    class_label = 0 if getattr(fp_unet.config, "num_class_embeds", None) else None  # one fixed class for every t
     with timed(COMPUTE_TIMES, "temporal"):
-        res = temporal_disturbance(fp_unet, q_unet, _sampler(params, train_sched), s["num_inference_steps"],
-                                   e["temporal_samples"], e["seed"], s["eta"], Path(results_dir) / "plots")
-    rows = res["per_timestep"]
+        rep = temporal_report(fp_unet, q_unet, _sampler(params, train_sched), s["num_inference_steps"],
+                              Path(results_dir) / "plots", num_samples=e["temporal_samples"], seed=e["seed"],
+                              eta=s["eta"], class_label=class_label,
+                              layer_names=default_activation_layers(fp_unet)[: e["activation_layers"]],
+                              progress=show_progress())
+    cos, delta, traj = torch.tensor(rep["cos"]), torch.tensor(rep["delta_step"]), rep["trajectory"]
+    rows = [{"timestep": t, "step": k, "temporal_cos": float(cos[k].mean()), "temporal_cos_min": float(cos[k].min()),
+             "delta_step_mean_abs": float(delta[k].abs().double().mean()),
+             "trajectory_deviation": traj["rmse"][k + 1], "local_error": traj["local_rmse"][k]}
+            for k, t in enumerate(rep["timesteps"])]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(buf.getvalue(), Path(results_dir) / "temporal.csv")
-    return _jsonable(res)
-
-
-def temporal_disturbance(fp_unet, q_unet, scheduler, num_inference_steps: int, num_samples: int, seed: int,
-                         eta: float, plot_dir: Path) -> dict[str, Any]:
-    """The poster's three disturbances for one FP/quantized pair, per sampler timestep.
-
-    temporal feature error: ``cos(emb_{t,i}, emb^q_{t,i})`` per timestep t and resnet i;
-    mismatch: ``delta_{t,i} = argmax_{t'} cos(emb_{t',i}, emb^q_{t,i}) - t`` (in sampler steps);
-    trajectory deviation: ``||x_t - x^q_t||`` (per-sample L2, mean) from the same initial noise.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    import tfmq
-    from tfmq.sampling import sample
-
-    scheduler.set_timesteps(num_inference_steps)
-    ts = [int(t) for t in scheduler.timesteps]
-    k = getattr(fp_unet.config, "num_class_embeds", None)  # class-conditional: one fixed class for every t
-    labels = torch.zeros(len(ts), dtype=torch.int64) if k else None
-    fp_feats = tfmq.temporal_features(fp_unet, ts, labels)
-    q_feats = tfmq.temporal_features(q_unet, ts, labels)
-    cos = torch.stack([F.cosine_similarity(a, b, dim=1) for a, b in zip(fp_feats, q_feats)], dim=1)  # [T, R]
-    delta = torch.stack([
-        (F.normalize(b, dim=1) @ F.normalize(a, dim=1).T).argmax(dim=1) - torch.arange(len(ts))
-        for a, b in zip(fp_feats, q_feats)
-    ], dim=1)  # [T, R], in sampler steps
-    n = num_samples
-    kw = dict(num_samples=n, num_inference_steps=num_inference_steps, batch_size=n, seed=seed, eta=eta,
-              class_labels=class_labels_for(fp_unet, n), device=device(), progress=False, return_trajectory=True)
-    _, traj_fp = sample(fp_unet, scheduler, **kw)
-    _, traj_q = sample(q_unet, scheduler, **kw)
-    dev = (traj_fp - traj_q).flatten(2).norm(dim=2).mean(dim=1)  # [T]
-    rows = [{"timestep": t, "step": k, "temporal_cos": float(cos[k].mean()), "temporal_cos_min": float(cos[k].min()),
-             "delta_mean_abs": float(delta[k].abs().float().mean()), "trajectory_deviation": float(dev[k])}
-            for k, t in enumerate(ts)]
-    summary = {"temporal_cos_mean": float(cos.mean()), "temporal_cos_min": float(cos.min()),
-               "temporal_error_mean": float((1 - cos).mean()),
-               "temporal_delta_mean_abs": float(delta.abs().float().mean()),
-               "temporal_delta_nonzero_frac": float((delta != 0).float().mean()),
-               "trajectory_deviation_final": float(dev[-1]), "trajectory_deviation_mean": float(dev.mean())}
-    _plot_temporal(cos.numpy(), delta.numpy(), dev.numpy(), ts, plot_dir)
-    return {"summary": summary, "per_timestep": rows}
-
-
-def _plot_temporal(cos, delta, dev, ts, plot_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tfmq.io import atomic_write_bytes
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    im = axes[0].imshow(cos.T, aspect="auto", cmap="viridis", vmax=1.0)
-    axes[0].set(title="temporal feature cos (t, resnet)", xlabel="sampler step (noisiest first)", ylabel="resnet")
-    fig.colorbar(im, ax=axes[0])
-    im = axes[1].imshow(delta.T, aspect="auto", cmap="coolwarm", vmin=-abs(delta).max() - 1, vmax=abs(delta).max() + 1)
-    axes[1].set(title="mismatch delta_{t,i} (steps)", xlabel="sampler step", ylabel="resnet")
-    fig.colorbar(im, ax=axes[1])
-    axes[2].plot(range(len(ts)), dev, marker="o")
-    axes[2].set(title="trajectory deviation ||x_t - x^q_t||", xlabel="sampler step", ylabel="mean L2")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), plot_dir / "temporal.png")
+    return _jsonable({"summary": rep["summary"], "per_timestep": rows})
 
 
 def _first(values: dict[str, Any], *prefixes: str) -> Any:

@@ -86,4 +86,5 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, **TELEMETRY_OFF, **extra}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("PYTHONPATH", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri() in this process exports it; params decide
     return env
