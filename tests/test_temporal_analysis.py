@@ -109,3 +109,14 @@ def test_activation_ranges_per_timestep(tmp_path):
     assert (tmp_path / "act.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="not found"):
         T.activation_ranges(unet, ["nope"], num_inference_steps=2)
+
+
+def test_temporal_report_writes_all_outputs(tmp_path):
+    fp = _unet(num_class_embeds=10)
+    q = _perturbed(fp, T.temporal_resnets(fp)[-1][0])
+    rep = T.temporal_report(fp, q, DDIMScheduler(num_train_timesteps=1000), 3, tmp_path, num_samples=2, class_label=4)
+    for name in ("temporal_feature_error.png", "temporal_mismatch.png", "trajectory_deviation.png",
+                 "activation_ranges_fp.png", "activation_ranges_q.png", "temporal_table.csv", "temporal.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert len((tmp_path / "temporal_table.csv").read_text().splitlines()) == 1 + 3 * 8
+    assert rep["summary"]["temporal_cos_min"] < 1.0 and rep["summary"]["trajectory_rmse_final"] > 0

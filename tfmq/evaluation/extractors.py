@@ -37,7 +37,11 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: Chosen by bench (see benchmarks/bench_metrics.py and the module docstring of metrics.py).
+#: 112 px (4x the 28 px images): ~6x the throughput of 224 px (143 vs 24 img/s uncontended on the
+#: project's 2-core CPU) with similar sensitivity. Measured z = (FID_degraded - FID_real) / bootstrap
+#: std, 300 train images vs 300 test images: gaussian noise sigma=8: 8.7 (112) vs 6.4 (224); sigma=20:
+#: 28.6 vs 31.5; 3x3 blur: 16.8 vs 29.0; posterize 16 levels 1.2 vs 1.6; 10 % dimming 1.5 vs 1.7.
+#: Use "efficientnet-lite0-224" where extraction time does not matter.
 DEFAULT_EFFICIENTNET_SIZE = 112
 EFFICIENTNET_SIZES = (112, 224)
 #: Index of the last MBConv block at output stride 16 (stage "r3_k5_s11_e6_i80_o112"): the

@@ -15,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -85,20 +86,14 @@ def extract_features(
 
     _check_images(images)
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} not supported by torch-fidelity's feature loop; expected cpu or cuda")
     fe = create_extractor(extractor, list(features), weights_path=weights_path, device=device)
-    with torch.device(device) if device.type != "cpu" else _nullcontext():
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         out = get_featuresdict_from_dataset(
             UInt8ImageDataset(images), fe, batch_size, device.type == "cuda", True, progress
         )
     return {k: v.float().cpu() for k, v in out.items()}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -205,11 +200,15 @@ def bootstrap_fid(
     progress: bool = False,
     sigma_ref_sqrt: np.ndarray | None = None,
 ) -> dict:
-    """Percentile bootstrap over the generated samples (reference statistics held fixed).
+    """95 % (``confidence``) bootstrap interval of FID over the generated samples (reference held fixed).
 
-    Each round resamples the N fake features with replacement and recomputes FID. Duplicates lower
-    the effective sample count, so bootstrap FIDs sit slightly above the point estimate: read the
-    width of the interval as the sampling uncertainty of the fake set, not its exact location.
+    Each round resamples the N fake features with replacement and recomputes FID. Duplicated samples
+    lower the effective sample count, so bootstrap FIDs sit *above* the point estimate (``bias``
+    below; ~+20 % at N=300 on 1280-d features). The raw percentile interval can therefore miss the
+    point estimate altogether; we report it (``ci_percentile_raw``) but use the percentile interval
+    re-centred on the point estimate, ``point + (q_lo - median, q_hi - median)``: its width is the
+    bootstrap estimate of the sampling spread of FID at this N, the thing that decides whether two
+    settings evaluated with the same N and reference differ.
     """
     from tqdm.auto import tqdm
 
@@ -222,24 +221,30 @@ def bootstrap_fid(
     a = psd_sqrt(sigma_ref) if sigma_ref_sqrt is None else sigma_ref_sqrt
     tr_ref = float(np.trace(sigma_ref))
     z = x @ a  # per round we only re-index and re-centre these
-    rng = np.random.default_rng(seed)
-    vals = np.empty(num_rounds)
-    for r in tqdm(range(num_rounds), disable=not progress, leave=False, desc="FID bootstrap"):
-        idx = rng.integers(0, n, size=n)
+
+    def fid_of(idx):
         xb, zb = x[idx], z[idx]
         mu = xb.mean(axis=0)
         xc, zc = xb - mu, zb - zb.mean(axis=0)
         diff = mu - mu_ref
-        vals[r] = diff @ diff + tr_ref + (xc * xc).sum() / (n - 1) - 2.0 * _trace_sqrt_of_gram(zc, n)
-    lo, hi = np.percentile(vals, [50 * (1 - confidence), 50 * (1 + confidence)])
+        return diff @ diff + tr_ref + (xc * xc).sum() / (n - 1) - 2.0 * _trace_sqrt_of_gram(zc, n)
+
+    point = float(fid_of(np.arange(n)))
+    rng = np.random.default_rng(seed)
+    vals = np.empty(num_rounds)
+    for r in tqdm(range(num_rounds), disable=not progress, leave=False, desc="FID bootstrap"):
+        vals[r] = fid_of(rng.integers(0, n, size=n))
+    lo, med, hi = np.percentile(vals, [50 * (1 - confidence), 50, 50 * (1 + confidence)])
     return {
-        "ci": [float(lo), float(hi)],
-        "confidence": confidence,
+        "point": point,
+        "ci": [float(point + lo - med), float(point + hi - med)],
+        "ci_percentile_raw": [float(lo), float(hi)],
+        "bias": float(vals.mean() - point),
         "std": float(vals.std(ddof=1)),
-        "mean": float(vals.mean()),
+        "confidence": confidence,
         "rounds": num_rounds,
         "seed": seed,
-        "method": "percentile bootstrap over generated samples, reference fixed",
+        "method": "bootstrap over generated samples (reference fixed), percentile interval re-centred on the point",
     }
 
 

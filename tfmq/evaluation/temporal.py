@@ -116,6 +116,11 @@ def temporal_features(
     names = [n for n, _ in resnets]
     device, dtype = _device_dtype(unet)
     if method == "direct":
+        if getattr(unet.config, "addition_embed_type", None) is not None:
+            raise ValueError(
+                f"method='direct' ignores addition_embed_type={unet.config.addition_embed_type!r}; "
+                "fix: use method='hooks' with unet_kwargs"
+            )
         t = torch.tensor(ts, dtype=torch.long, device=device)
         emb = unet_time_embedding(unet, t, _class_tensor(class_label, len(ts), device))
         feats = []
@@ -438,3 +443,89 @@ def activation_ranges(
 
         plot_activation_ranges(out, plot_path)
     return out
+
+
+# ----------------------------------------------------------------------------- tables and one-call report
+
+
+def temporal_table(error: dict, mismatch: dict) -> list[dict]:
+    """One row per (sampler step, residual block): cos, delta in steps and timesteps, best-matching timestep."""
+    rows = []
+    ts = error["timesteps"]
+    for k, t in enumerate(ts):
+        for i, name in enumerate(error["names"]):
+            j = int(mismatch["argmax_step"][k, i])
+            rows.append({"step": k, "timestep": t, "resnet": name, "cos": float(error["cos"][k, i]),
+                         "delta_step": int(mismatch["delta_step"][k, i]),
+                         "delta_timestep": int(mismatch["delta_timestep"][k, i]),
+                         "best_match_timestep": ts[j], "best_match_cos": float(mismatch["best_cos"][k, i])})
+    return rows
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    import csv
+    import io
+
+    from tfmq.io import atomic_write_text
+
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_text(buf.getvalue(), path)
+
+
+def temporal_report(
+    fp: nn.Module,
+    q: nn.Module,
+    scheduler,
+    num_inference_steps: int,
+    out_dir: str | Path,
+    num_samples: int = 8,
+    seed: int = 0,
+    eta: float = 0.0,
+    class_label: int | None = None,
+    layer_names: Sequence[str] | None = None,
+    unet_kwargs: dict | None = None,
+    progress: bool = False,
+) -> dict:
+    """All four analyses on the sampler's own timesteps; writes into ``out_dir``:
+    ``temporal_feature_error.png``, ``temporal_mismatch.png``, ``trajectory_deviation.png``,
+    ``activation_ranges_fp.png`` / ``_q.png``, ``temporal_table.csv`` and ``temporal.json`` (summary + series).
+    """
+    from tfmq.io import atomic_write_json
+
+    out_dir = Path(out_dir)
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(num_inference_steps)
+    ts = [int(t) for t in sched.timesteps]
+    f = temporal_features(fp, ts, class_label, "hooks", unet_kwargs)
+    g = temporal_features(q, ts, class_label, "hooks", unet_kwargs)
+    err = temporal_feature_error(f, g, plot_path=out_dir / "temporal_feature_error.png")
+    mm = temporal_mismatch(f, g, plot_path=out_dir / "temporal_mismatch.png")
+    labels = None if class_label is None else torch.full((num_samples,), int(class_label), dtype=torch.long)
+    traj = trajectory_deviation(fp, q, scheduler, num_inference_steps, num_samples, seed, eta, labels, unet_kwargs,
+                                out_dir / "trajectory_deviation.png", progress)
+    ranges = {}
+    for tag, model in (("fp", fp), ("q", q)):
+        r = activation_ranges(model, layer_names, scheduler, num_inference_steps, num_samples, seed, eta, labels,
+                              unet_kwargs, out_dir / f"activation_ranges_{tag}.png", progress)
+        ranges[tag] = {"names": r["names"], "min": r["min"].tolist(), "max": r["max"].tolist()}
+    write_csv(temporal_table(err, mm), out_dir / "temporal_table.csv")
+    summary = {
+        "temporal_cos_mean": err["mean_cos"],
+        "temporal_cos_min": err["min_cos"],
+        "mismatched_fraction": mm["mismatched_fraction"],
+        "delta_step_mean_abs": float(mm["delta_step"].abs().double().mean()),
+        "trajectory_rmse_final": traj["final_rmse"],
+        "trajectory_rmse_mean": float(sum(traj["rmse"]) / len(traj["rmse"])),
+        "local_rmse_mean": float(sum(traj["local_rmse"]) / len(traj["local_rmse"])),
+    }
+    report = {"summary": summary, "timesteps": ts, "resnets": err["names"], "cos": err["cos"].tolist(),
+              "delta_step": mm["delta_step"].tolist(), "delta_timestep": mm["delta_timestep"].tolist(),
+              "trajectory": {k: v for k, v in traj.items()}, "activation_ranges": ranges,
+              "index_space": mm["index_space"]}
+    atomic_write_json(report, out_dir / "temporal.json")
+    return report
