@@ -83,6 +83,16 @@ def test_compare_flow_writes_every_output(compared):
             assert (ws / "results" / name / "temporal.csv").read_text().startswith("timestep")
 
 
+def test_cli_without_prefect(compared):
+    """``--no-prefect``: the same task bodies as plain functions (no server), e.g. re-writing the table."""
+    ws, _ = compared
+    (ws / "results" / "results.md").unlink()
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "report", "--no-prefect", "--config", "params.yaml"],
+                       cwd=ws, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| tfmq | W4A8 |" in r.stdout and (ws / "results" / "results.md").is_file()
+
+
 def test_flow_and_task_runs_recorded(compared, prefect_api):
     import asyncio
 

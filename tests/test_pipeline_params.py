@@ -258,3 +258,17 @@ def test_serve_builds_cron_deployment(tmp_path):
     assert repro.name == "nightly" and grid.name == "grid"
     assert [s.schedule.cron for s in repro.schedules] == ["*/30 * * * *"]
     assert grid.parameters["config"] == str(REPO / "params.yaml")
+
+
+def test_mlflow_store_is_absolute_and_survives_dvc_temp_dirs(monkeypatch, tmp_path):
+    from tasks.tracking import main_repo_root, tracking_uri
+
+    exp_copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    exp_copy.mkdir(parents=True)
+    assert main_repo_root(exp_copy) == tmp_path / "repo"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(exp_copy)
+    params = copy.deepcopy(PARAMS)
+    assert tracking_uri(params) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
+    assert tracking_uri(params) == "sqlite:////elsewhere/x.db"
