@@ -18,7 +18,9 @@ if [ -z "${PREFECT_API_URL:-}" ]; then
   if ! health; then
     echo "[tfmq] starting a Prefect server on 127.0.0.1:$PORT (log: .prefect/server.log)"
     mkdir -p .prefect
-    prefect server start --host 127.0.0.1 --port "$PORT" --analytics-off > .prefect/server.log 2>&1 &
+    # the UI's own API address defaults to port 4200 whatever --port says: point it at this server
+    PREFECT_UI_API_URL="http://127.0.0.1:$PORT/api" \
+      prefect server start --host 127.0.0.1 --port "$PORT" --analytics-off > .prefect/server.log 2>&1 &
     SERVER_PID=$!
     trap '[ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null || true' EXIT
     for _ in $(seq 1 120); do health && break; sleep 1; done
