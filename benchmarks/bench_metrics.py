@@ -36,6 +36,7 @@ def row(table, set_name, metric, value, seconds, n=None, note=""):
     ips = f"{n / seconds:.0f}" if n and seconds else ""
     val = value if isinstance(value, str) else f"{value:.4g}"
     table.append(f"| {set_name} | {metric} | {val} | {seconds:.2f} | {ips} | {note} |")
+    print(table[-1], flush=True)  # progress; the full table is printed again at the end
 
 
 def main() -> None:
@@ -66,6 +67,7 @@ def main() -> None:
     }
     spec = E.get_extractor_spec(args.extractor)
     table = ["| set | metric / extractor | value | seconds | images/s | note |", "|---|---|---|---|---|---|"]
+    print("\n".join(table), flush=True)
 
     t0 = time.perf_counter()
     ref = M.compute_reference_stats(ref_images, cache / f"test_{spec.name}.safetensors", extractor=spec.name,
