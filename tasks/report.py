@@ -24,6 +24,11 @@ def _fid_cell(m: dict[str, Any]) -> str:
     return f"{fid} [{lo:.1f}, {hi:.1f}]" if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else fid
 
 
+def _temporal_cell(m: dict[str, Any]) -> str:
+    cos = m.get("temporal_cos_mean")
+    return "n/a" if cos is None else f"{(1.0 - cos) * 1e4:.1f}"
+
+
 def _kid_cell(m: dict[str, Any]) -> str:
     if m.get("kid_mean") is None:
         return "n/a"
@@ -61,10 +66,12 @@ def build_table(params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         f"- {ref.get('num_samples', '?')} samples per row vs {ref.get('reference', '?')}; sampler "
         f"{ref.get('sampler', '?')} {ref.get('num_inference_steps', '?')} steps, eta {ref.get('eta', '?')}; "
         "FID with a 95 % bootstrap interval, KID x 1e3",
+        "- temporal error = mean over timesteps and resnets of 1 - cos(emb_{t,i}, emb^q_{t,i}), x 1e4 "
+        "(the poster's temporal feature error; per-timestep curves in results/<setting>/temporal.csv)",
         "- quantization is simulated (fake-quant), so no speed or memory claims; quant time = wall seconds on "
         f"{ref.get('device', '?')}",
         "",
-        f"| Method | Bits | FID ({ref.get('extractor', '?')}) | sFID | KID | IS | temporal cos | quant time (s) |",
+        f"| Method | Bits | FID ({ref.get('extractor', '?')}) | sFID | KID | IS | temporal error | quant time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     table = []
@@ -74,7 +81,7 @@ def build_table(params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             continue
         lines.append(
             f"| {method} | {bits} | {_fid_cell(m)} | {_fmt(m.get('sfid'))} | {_kid_cell(m)} | {_is_cell(m)} | "
-            f"{_fmt(m.get('temporal_cos_mean'), 4) if method != 'FP' else '1'} | "
+            f"{_temporal_cell(m) if method != 'FP' else '0'} | "
             f"{_fmt(m.get('quant_time_total_s'), 0) if method != 'FP' else '-'} |"
         )
         table.append({"method": method, "bits": bits, **{k: v for k, v in m.items() if k != "per_timestep"}})
