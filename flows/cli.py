@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(sub.add_parser("quantize", parents=[common], help="quantize one setting (3 stages)"))
     p = sub.add_parser("evaluate", parents=[common], help="evaluate one setting (or --fp) and log it to MLflow")
     _setting(p)
-    p.add_argument("--fp", action="store_true", help="evaluate the FP model instead of a quantized one")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--fp", action="store_true", help="evaluate the FP model instead of a quantized one")
+    which.add_argument("--real", action="store_true",
+                       help="score eval.num_samples real images (the table's FID floor at this N)")
     _setting(sub.add_parser("run", parents=[common], help="quantize + evaluate one setting"))
     p = sub.add_parser("compare", parents=[common], help="quantize + evaluate a grid in one process, then report")
     p.add_argument("--methods", nargs="+", default=None, help="default: grid.methods")
@@ -104,8 +107,8 @@ def _dispatch(args: argparse.Namespace, params: dict[str, Any]) -> Any:
         method, bits = _resolve_setting(args, params)
         return rf(stages.quantize_flow, method, bits, cfg, args.name)
     if cmd == "evaluate":
-        if args.fp:
-            return rf(stages.evaluate_flow, "fp", "FP32", cfg, args.name)
+        if args.fp or args.real:
+            return rf(stages.evaluate_flow, "fp" if args.fp else "real", "FP32", cfg, args.name)
         method, bits = _resolve_setting(args, params)
         return rf(stages.evaluate_flow, method, bits, cfg, args.name)
     if cmd == "run":

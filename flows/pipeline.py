@@ -44,7 +44,7 @@ def _missing(path: str) -> bool:
 @flow(name="compare")
 def compare(methods: list[str] | None = None, bits: list[str] | None = None, config: str = "params.yaml",
             rebuild: bool = False) -> str:
-    """The method x bits grid plus the FP row, then the results table; upstream outputs are built when missing."""
+    """The method x bits grid plus the real-data and FP rows, then the results table; upstream outputs are built when missing."""
     params = load_params(config)
     methods = methods or params["grid"]["methods"]
     bits = bits or params["grid"]["bits"]
@@ -58,6 +58,7 @@ def compare(methods: list[str] | None = None, bits: list[str] | None = None, con
     for out, flow_, args in upstream:
         if rebuild or _missing(out):
             run_flow(flow_, *args, config)
+    run_flow(evaluate_flow, "real", "FP32", config)
     run_flow(evaluate_flow, "fp", "FP32", config)
     for b in bits:
         for m in methods:

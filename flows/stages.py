@@ -18,6 +18,7 @@ from tasks import classifier as clf_tasks
 from tasks import data as data_tasks
 from tasks import evaluate as eval_tasks
 from tasks import quantize as quant_tasks
+from tasks import real as real_tasks
 from tasks import report as report_tasks
 from tasks import reference as ref_tasks
 from tasks import train as train_tasks
@@ -87,20 +88,26 @@ def quantize_flow(method: str, bits: str, config: str = "params.yaml", name: str
 
 @flow(name="evaluate", flow_run_name="evaluate-{method}-{bits}")
 def evaluate_flow(method: str = "fp", bits: str = "FP32", config: str = "params.yaml", name: str | None = None) -> str:
-    """Samples + metrics + temporal analyses of one setting (``method="fp"``: the FP model), then MLflow."""
+    """Samples + metrics + temporal analyses of one setting, then MLflow.
+
+    ``method="fp"``: the FP model; ``method="real"``: real images instead of samples (the table's floor).
+    """
     params = load_params(config)
-    fp = method == "fp"
-    name = name or ("fp" if fp else setting_name(method, bits))
+    fp, real = method == "fp", method == "real"
+    unquantized = fp or real
+    name = name or (method if unquantized else setting_name(method, bits))
     quant_dir, results_dir = setting_dirs(params, name)
-    checkpoint = None if fp else str(Path(quant_dir) / quant_tasks.STAGE_FILES["calibrate_activations"])
-    scores = call(eval_tasks.sample_and_score, params, checkpoint, results_dir)
-    temporal = {} if fp else call(eval_tasks.temporal_analysis, params, checkpoint, results_dir)
-    out = call(eval_tasks.write_metrics, params, name, None if fp else method, None if fp else bits,
-               quant_dir if not fp else None, metrics_path(params, name), scores, temporal)
-    run_params = None
-    if not fp:
-        run_params = quant_tasks.quant_config(params, method, bits).to_dict()
-    call(log_run, params, name, None if fp else method, None if fp else bits, out, results_dir, run_params)
+    checkpoint = None if unquantized else str(Path(quant_dir) / quant_tasks.STAGE_FILES["calibrate_activations"])
+    if real:
+        scores = call(real_tasks.score_real, params, results_dir)
+    else:
+        scores = call(eval_tasks.sample_and_score, params, checkpoint, results_dir)
+    temporal = {} if unquantized else call(eval_tasks.temporal_analysis, params, checkpoint, results_dir)
+    row_method, row_bits = ("real", "data") if real else (None, None) if fp else (method, bits)
+    out = call(eval_tasks.write_metrics, params, name, row_method, row_bits, None if unquantized else quant_dir,
+               metrics_path(params, name), scores, temporal)
+    run_params = None if unquantized else quant_tasks.quant_config(params, method, bits).to_dict()
+    call(log_run, params, name, row_method, row_bits, out, results_dir, run_params)
     return out
 
 

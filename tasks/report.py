@@ -1,4 +1,4 @@
-"""Results table: FP + methods x bits, columns FID, sFID, KID, IS with the extractor named.
+"""Results table: real images + FP + methods x bits, columns FID, sFID, KID, IS with the extractor named.
 
 Numbers from different feature extractors never share a column: the table refuses to mix them
 (the header names the one extractor every row used).
@@ -45,6 +45,9 @@ def build_table(params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """Markdown of the grid's metrics.json files (missing settings show as 'not run')."""
     results = Path(params["eval"]["out_dir"]) / "metrics"
     rows: list[tuple[str, str, dict[str, Any] | None]] = []
+    real_path = results / "real.json"  # the real-data row (optional: an older run has none)
+    if real_path.is_file():
+        rows.append(("real images", "-", json.loads(real_path.read_text())))
     fp_path = results / "fp.json"
     rows.append(("FP", "W32A32", json.loads(fp_path.read_text()) if fp_path.is_file() else None))
     for bits in params["grid"]["bits"]:
@@ -68,6 +71,9 @@ def build_table(params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         "FID with a 95 % bootstrap interval, KID x 1e3",
         "- temporal error = mean over timesteps and resnets of 1 - cos(emb_{t,i}, emb^q_{t,i}), x 1e4 "
         "(the poster's temporal feature error; per-timestep curves in results/<setting>/temporal.csv)",
+        *([f"- real images = {rows[0][2].get('num_samples', '?')} real images from the split the reference "
+            "does not use, scored like samples: the floor of each metric at this N (FID is biased upwards "
+            "at small N, so read every FID as a distance above this row)"] if real_path.is_file() else []),
         "- quantization is simulated (fake-quant), so no speed or memory claims; quant time = wall seconds on "
         f"{ref.get('device', '?')}",
         "",
@@ -81,8 +87,8 @@ def build_table(params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             continue
         lines.append(
             f"| {method} | {bits} | {_fid_cell(m)} | {_fmt(m.get('sfid'))} | {_kid_cell(m)} | {_is_cell(m)} | "
-            f"{_temporal_cell(m) if method != 'FP' else '0'} | "
-            f"{_fmt(m.get('quant_time_total_s'), 0) if method != 'FP' else '-'} |"
+            f"{_temporal_cell(m) if method not in ('FP', 'real images') else '-' if method != 'FP' else '0'} | "
+            f"{_fmt(m.get('quant_time_total_s'), 0) if method not in ('FP', 'real images') else '-'} |"
         )
         table.append({"method": method, "bits": bits, **{k: v for k, v in m.items() if k != "per_timestep"}})
     return "\n".join(lines) + "\n", table

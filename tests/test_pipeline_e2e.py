@@ -66,14 +66,14 @@ def test_compare_flow_writes_every_output(compared):
     assert table_path == "results/results.md"
     table = (ws / table_path).read_text()
     rows = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ") and "Method" not in ln]
-    assert rows == ["FP", "naive", "tfmq"]
-    for name in ("fp", "naive-W4A8", "tfmq-W4A8"):
+    assert rows == ["real images", "FP", "naive", "tfmq"]
+    for name in ("real", "fp", "naive-W4A8", "tfmq-W4A8"):
         m = json.loads((ws / "results" / "metrics" / f"{name}.json").read_text())
         for key in ("fid", "sfid", "kid_mean", "is_mean"):
             assert _finite(m[key]), (name, key, m[key])
         assert m["extractor"].startswith("efficientnet-lite0") and m["num_samples"] == 16
         assert (ws / "results" / name / "plots" / "samples.png").is_file()
-        if name != "fp":
+        if name not in ("fp", "real"):
             assert 0.0 < m["temporal_cos_mean"] <= 1.0 + 1e-6
             assert m["quant_time_total_s"] > 0
             times = json.loads((ws / "quant" / name / "stage_times.json").read_text())
@@ -81,6 +81,10 @@ def test_compare_flow_writes_every_output(compared):
             for ckpt in ("tib", "blocks", "model"):
                 assert (ws / "quant" / name / ckpt).is_dir()
             assert (ws / "results" / name / "temporal.csv").read_text().startswith("timestep")
+    real, fp = (json.loads((ws / "results" / "metrics" / f"{n}.json").read_text()) for n in ("real", "fp"))
+    # real images are the floor: a few-step micro model is far from them on every distance
+    assert real["fid"] < fp["fid"] and real["kid_mean"] < fp["kid_mean"], (real["fid"], fp["fid"])
+    assert real["method"] == "real" and "temporal_cos_mean" not in real
 
 
 def test_cli_without_prefect(compared):
@@ -117,7 +121,8 @@ def test_mlflow_run_per_setting(compared):
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["micro"], output_format="list")
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"fp", "naive-W4A8", "tfmq-W4A8"}
+    assert set(by_name) == {"real", "fp", "naive-W4A8", "tfmq-W4A8"}
+    assert by_name["real"].data.tags["method"] == "real" and "temporal_cos_mean" not in by_name["real"].data.metrics
     r = by_name["tfmq-W4A8"]
     for key in ("fid", "sfid", "kid_mean", "is_mean", "temporal_cos_mean", "quant_time_total_s",
                 "quant_time_recon_tib_s"):
@@ -162,7 +167,7 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     _dvc(ws, env, "repro", "report")
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
     assert {"prepare_data", "train_fp", "calib_data", "quantize@tfmq-W4A8", "evaluate@tfmq-W4A8", "evaluate_fp",
-            "quantize_exp", "evaluate_exp", "report"} <= set(lock)
+            "evaluate_real", "quantize_exp", "evaluate_exp", "report"} <= set(lock)
     assert lock["quantize@tfmq-W4A8"]["params"]["params.yaml"]["quant.recon"]["iters"] == 2
     table = (ws / "results" / "results.md").read_text()
     assert "| tfmq | W4A8 |" in table and "| FP | W32A32 |" in table
@@ -188,6 +193,6 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["micro-dvc"], output_format="list")
     names = [r.info.run_name for r in runs]
-    assert sorted(names) == sorted(["fp", "tfmq-W4A8", "exp", "exp"]), names
+    assert sorted(names) == sorted(["real", "fp", "tfmq-W4A8", "exp", "exp"]), names
     assert all("fid" in r.data.metrics for r in runs)
     assert {r.data.tags["dvc_stage"] for r in runs} >= {"evaluate@tfmq-W4A8", "evaluate_exp"}

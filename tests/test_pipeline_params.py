@@ -128,6 +128,7 @@ STAGE_ENTRIES = {
     "quantize_exp": ["tasks/quantize.py"],
     "evaluate": ["tasks/evaluate.py", "tasks/tracking.py"],
     "evaluate_fp": ["tasks/evaluate.py", "tasks/tracking.py"],
+    "evaluate_real": ["tasks/real.py", "tasks/tracking.py"],
     "evaluate_exp": ["tasks/evaluate.py", "tasks/tracking.py"],
     "report": ["tasks/report.py"],
 }
@@ -245,6 +246,12 @@ def test_report_table(tmp_path):
     body = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| Method")]
     assert [b.split("|")[1].strip() for b in body] == ["FP", "naive", "tfmq"]
     assert "not run" in body[1] and "12.50" in body[2]
+
+    (tmp_path / "metrics" / "real.json").write_text(json.dumps(_metrics(7.25)))  # the real-data floor row
+    body = [ln for ln in build_table(params)[0].splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
+    assert [b.split("|")[1].strip() for b in body] == ["real images", "FP", "naive", "tfmq"]
+    cells = [c.strip() for c in body[0].split("|")[1:-1]]
+    assert cells[2].startswith("7.25 [6.2, 8.2]") and cells[6:] == ["-", "-"]  # no temporal error, no quant time
 
     (tmp_path / "metrics" / "naive-W4A8.json").write_text(json.dumps(_metrics(20.0, extractor="inception-v3-compat-sfid")))
     with pytest.raises(ValueError, match="cannot share a table"):
