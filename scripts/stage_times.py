@@ -48,6 +48,34 @@ def main() -> None:
         print(f"run wall time {args.total:.1f} s ({args.total / 60:.1f} min); orchestration overhead "
               f"(wall - compute) {over:.1f} s = {100 * over / args.total:.1f} %"
               + (f"; dvc repro alone {args.repro:.1f} s" if args.repro else ""))
+    if all("startup_s" in r for r in recs):
+        breakdown(recs, args.total, args.repro)
+
+
+def breakdown(recs: list[dict], total: float | None, repro: float | None) -> None:
+    """Where the non-compute seconds go, by cause (records of this version of flows/cli.py)."""
+    startup = sum(r["startup_s"] for r in recs)
+    prefect_import = sum(r["prefect_import_s"] for r in recs)
+    mlflow = sum(r["mlflow_s"] for r in recs)
+    rest = sum(r["main_s"] - r["compute_s"] - r["mlflow_s"] for r in recs)
+    spans = sorted((r["start"], r["end"]) for r in recs)
+    between = sum(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))  # DVC, process exit + spawn
+    rows = [
+        ("compute (inside tfmq calls)", sum(r["compute_s"] for r in recs)),
+        ("process start-up: python + torch/diffusers/tfmq imports", startup),
+        ("prefect import (flows/tasks modules)", prefect_import),
+        ("in-process rest: Prefect flow/task runs, model + checkpoint loading, file writes", rest),
+        ("MLflow logging", mlflow),
+        ("between stage processes: DVC bookkeeping, process exit + spawn", between),
+    ]
+    if total and repro:
+        rows.append(("before/after dvc repro: Prefect server start, this table", total - repro))
+        rows.append(("dvc repro start + end (before the first / after the last stage)",
+                     repro - (spans[-1][1] - spans[0][0])))
+    width = max(len(n) for n, _ in rows)
+    print(f"\n{'where the wall time goes':{width}s} {'s':>8s} {'% wall':>7s}")
+    for name, sec in rows:
+        print(f"{name:{width}s} {sec:8.1f} {100 * sec / total if total else float('nan'):7.1f}")
 
 
 if __name__ == "__main__":

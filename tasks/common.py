@@ -23,6 +23,8 @@ _FALLBACK = logging.getLogger("tfmq.pipeline")
 #: seconds spent inside tfmq calls in this process, by task: the compute that orchestration
 #: overhead is measured against (flows/cli.py writes it to TFMQ_TIMINGS_LOG).
 COMPUTE_TIMES: dict[str, float] = {}
+#: seconds spent in orchestration calls timed from inside a task (MLflow logging), by tool
+ORCH_TIMES: dict[str, float] = {}
 
 
 def _io_error(task_, task_run, state) -> bool:
