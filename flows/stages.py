@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextvars
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow
 
@@ -76,7 +76,23 @@ def calib_data_flow(config: str = "params.yaml") -> str:
     return call(calib_tasks.calib_data, load_params(config))
 
 
-@flow(name="quantize", flow_run_name="quantize-{method}-{bits}")
+def _run_name(kind: str) -> Callable[[], str]:
+    """Flow-run names ``<kind>-<setting>``: ``--name`` when given (``quantize-exp``), else ``<method>-<bits>``."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        p = flow_run.parameters
+        if p.get("name"):
+            return f"{kind}-{p['name']}"
+        if p.get("method") in ("fp", "real"):
+            return f"{kind}-{p['method']}"
+        return f"{kind}-{setting_name(p['method'], p['bits'])}"
+
+    return name
+
+
+@flow(name="quantize", flow_run_name=_run_name("quantize"))
 def quantize_flow(method: str, bits: str, config: str = "params.yaml", name: str | None = None) -> str:
     """TIAR -> block reconstruction -> activation calibration; returns the final checkpoint path."""
     params = load_params(config)
@@ -86,7 +102,7 @@ def quantize_flow(method: str, bits: str, config: str = "params.yaml", name: str
     return call(quant_tasks.calibrate_activations, params, method, bits, quant_dir, blocks)
 
 
-@flow(name="evaluate", flow_run_name="evaluate-{method}-{bits}")
+@flow(name="evaluate", flow_run_name=_run_name("evaluate"))
 def evaluate_flow(method: str = "fp", bits: str = "FP32", config: str = "params.yaml", name: str | None = None) -> str:
     """Samples + metrics + temporal analyses of one setting, then MLflow.
 

@@ -108,7 +108,7 @@ def test_flow_and_task_runs_recorded(compared, prefect_api):
 
     flow_runs, task_runs = asyncio.run(runs())
     names = {r.name for r in flow_runs}
-    assert {"naive-W4A8", "tfmq-W4A8", "quantize-tfmq-W4A8", "evaluate-tfmq-W4A8"} <= names
+    assert {"naive-W4A8", "tfmq-W4A8", "quantize-tfmq-W4A8", "evaluate-tfmq-W4A8", "evaluate-fp", "evaluate-real"} <= names
     assert all(r.state.is_completed() for r in flow_runs if r.name in names)
     task_names = {r.name.rsplit("-", 1)[0] for r in task_runs}
     assert {"recon_tib", "recon_blocks", "calibrate_activations", "sample_and_score", "log_run"} <= task_names
