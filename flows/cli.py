@@ -79,12 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_setting(args: argparse.Namespace, params: dict[str, Any]) -> tuple[str, str]:
-    from flows.params import default_bits
+    """(method, bits) from the flags or the quant section, checked before any flow run is created."""
+    from flows.params import ParamsError, default_bits
+    from tfmq import RECIPES
+    from tfmq.config import parse_bits
 
     method = args.method or params["quant"]["method"]
     bits = args.bits or default_bits(params)
-    from tfmq.config import parse_bits
-
+    if method not in RECIPES:
+        raise ParamsError(f"unknown method {method!r}; expected one of {', '.join(RECIPES)}")
     parse_bits(bits)
     return method, bits
 

@@ -114,6 +114,15 @@ def test_cli_bad_params_one_line_nonzero_exit(tmp_path):
     assert "num_samples" in lines[0]  # the allowed keys are listed
 
 
+def test_cli_unknown_method_refused_before_any_flow_run():
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "quantize", "--method", "tfmqq", "--bits", "W4A8"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr  # no Prefect server started, no flow run left pending
+    assert "'tfmqq'" in lines[0] and "naive" in lines[0] and "qdiffusion" in lines[0]
+
+
 # --- dvc.yaml -----------------------------------------------------------------------------------
 
 #: the task modules each stage runs (its code deps must cover their import closure)
