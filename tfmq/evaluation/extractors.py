@@ -150,7 +150,7 @@ def _sized_efficientnet(size: int) -> type:
 
 def _build_inception_layers(m: nn.Module) -> None:
     # Same modules and names as torch-fidelity 0.4.0's FeatureExtractorInceptionV3.__init__, which we
-    # cannot call because it loads the weights with torch.load(weights_only=False).
+    # cannot call because its weight loader unpickles the whole file (weights_only=False), which we never do.
     m.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
     m.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
     m.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
