@@ -1,4 +1,4 @@
-"""Benchmark: cost and sanity of the evaluation metrics on Fashion-MNIST (spec section 9).
+"""Benchmark: cost and sanity of the evaluation metrics on Fashion-MNIST (docs/method.md section 9).
 
 Prints one markdown table: per metric and extractor, the value, seconds and images/s at the
 default sample counts (N generated vs the cached reference of the test split), with two known
@@ -27,7 +27,7 @@ from tfmq.evaluation import metrics as M  # noqa: E402
 
 
 def load_data(root: str) -> dict[str, torch.Tensor]:
-    from tfmq.data import load_fashion_mnist
+    from tfmq.diffusion.data import load_fashion_mnist
 
     return load_fashion_mnist(root)
 

@@ -21,9 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import tfmq  # noqa: E402
-from tfmq.models import build_unet, load_fp_model  # noqa: E402
-from tfmq.reconstruction import mean_temporal_cos  # noqa: E402
-from tfmq.sampling import make_scheduler  # noqa: E402
+from tfmq.diffusion.models import build_unet, load_fp_model  # noqa: E402
+from tfmq.quant.reconstruction import mean_temporal_cos  # noqa: E402
+from tfmq.diffusion.sampling import make_scheduler  # noqa: E402
 
 
 def main() -> None:

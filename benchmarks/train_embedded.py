@@ -17,8 +17,8 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import torch  # noqa: E402
 
-from tfmq.data import DEFAULT_FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
-from tfmq.training import TrainConfig, train_ddpm  # noqa: E402
+from tfmq.diffusion.data import DEFAULT_FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
+from tfmq.diffusion.training import TrainConfig, train_ddpm  # noqa: E402
 
 
 def main() -> None:

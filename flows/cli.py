@@ -82,7 +82,7 @@ def _resolve_setting(args: argparse.Namespace, params: dict[str, Any]) -> tuple[
     """(method, bits) from the flags or the quant section, checked before any flow run is created."""
     from flows.params import ParamsError, default_bits
     from tfmq import RECIPES
-    from tfmq.config import parse_bits
+    from tfmq.quant.config import parse_bits
 
     method = args.method or params["quant"]["method"]
     bits = args.bits or default_bits(params)

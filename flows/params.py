@@ -3,7 +3,7 @@
 Every hyper-parameter of the pipeline lives in params.yaml (DVC's single source of parameters).
 This module checks every key: an unknown key, a missing key or a value of the wrong type is ONE
 error line that names the key and what is allowed (llm-compressor's ``extra="forbid"``). Sections
-that mirror a library dataclass (``train_fp`` -> ``tfmq.training.TrainConfig``, ``quant`` ->
+that mirror a library dataclass (``train_fp`` -> ``tfmq.diffusion.training.TrainConfig``, ``quant`` ->
 ``tfmq.QuantConfig``) take their allowed keys from the dataclass, so the two cannot drift apart.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def choice(*options: str) -> Kind:
 
 
 def _registered_methods() -> tuple[str, ...]:
-    from tfmq.recipes import RECIPES
+    from tfmq.quant.recipes import RECIPES
 
     return tuple(RECIPES)
 
@@ -77,7 +77,7 @@ def _is_bits(v: Any) -> bool:
     return isinstance(v, str) and re.fullmatch(r"W\d+A\d+", v) is not None
 
 
-METHOD_LIST = Kind("a non-empty list of registered methods (tfmq.recipes.RECIPES: naive, freeze, ptq4dm, "
+METHOD_LIST = Kind("a non-empty list of registered methods (tfmq.quant.recipes.RECIPES: naive, freeze, ptq4dm, "
                    "qdiffusion, tfmq, ...), no repeats",
                    lambda v: isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v)
                    and all(x in _registered_methods() for x in v))
@@ -98,13 +98,13 @@ class DataclassSection:
 
 
 def _train_config():
-    from tfmq.training import TrainConfig
+    from tfmq.diffusion.training import TrainConfig
 
     return TrainConfig
 
 
 def _quant_config():
-    from tfmq.config import QuantConfig
+    from tfmq.quant.config import QuantConfig
 
     return QuantConfig
 
@@ -219,7 +219,7 @@ def _check_like_default(v: Any, f: dataclasses.Field, key: str) -> None:
 
 
 def _check_quant(d: Any, where: str) -> dict[str, Any]:
-    from tfmq.config import ConfigError, QuantConfig
+    from tfmq.quant.config import ConfigError, QuantConfig
 
     try:
         QuantConfig.from_dict(d)

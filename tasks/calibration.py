@@ -22,9 +22,9 @@ def class_labels_for(unet, n: int):
 @pipeline_task
 def calib_data(params: dict[str, Any]) -> str:
     """Record the FP sampler's UNet inputs at every step (the set every method selects from)."""
-    from tfmq.calibration_data import capture_calibration_data
-    from tfmq.models import load_fp_model
-    from tfmq.sampling import make_scheduler
+    from tfmq.diffusion.calibration import capture_calibration_data
+    from tfmq.diffusion.models import load_fp_model
+    from tfmq.diffusion.sampling import make_scheduler
 
     c, s = params["calib_data"], params["sampler"]
     dev = device()

@@ -13,7 +13,7 @@ from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_prog
 @pipeline_task
 def train_classifier(params: dict[str, Any]) -> str:
     """Train the Fashion-MNIST classifier used for the domain IS and class accuracy."""
-    from tfmq.data import load_dataset
+    from tfmq.diffusion.data import load_dataset
     from tfmq.evaluation.classifier import train_classifier as fit
 
     c = params["classifier"]

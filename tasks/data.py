@@ -1,6 +1,6 @@
 """Data preparation task: verify the Fashion-MNIST IDX files and snapshot them as one DVC output.
 
-The snapshot is byte-deterministic (``tfmq.data.save_dataset``), so a fresh clone's re-run of this
+The snapshot is byte-deterministic (``tfmq.diffusion.data.save_dataset``), so a fresh clone's re-run of this
 stage reproduces the hash locked in dvc.lock and nothing downstream re-runs.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tasks.common import COMPUTE_TIMES, logger, pipeline_task, timed
 @pipeline_task
 def prepare_data(params: dict[str, Any]) -> str:
     """Load and verify the IDX files under ``data.root``; write the snapshot to ``data.path``."""
-    from tfmq.data import FASHION_MNIST_COUNTS, load_fashion_mnist, save_dataset
+    from tfmq.diffusion.data import FASHION_MNIST_COUNTS, load_fashion_mnist, save_dataset
 
     section = params["data"]
     with timed(COMPUTE_TIMES, "prepare_data"):

@@ -20,7 +20,7 @@ from tasks.calibration import class_labels_for
 
 def load_unet(params: dict[str, Any], checkpoint: str | None):
     """FP UNet + training scheduler from ``model.fp_dir``; with a checkpoint, the quantized UNet on top."""
-    from tfmq.models import load_fp_model
+    from tfmq.diffusion.models import load_fp_model
 
     unet, train_sched = load_fp_model(params["model"]["fp_dir"], device())
     if checkpoint is not None:
@@ -31,7 +31,7 @@ def load_unet(params: dict[str, Any], checkpoint: str | None):
 
 
 def _sampler(params: dict[str, Any], train_sched):
-    from tfmq.sampling import make_scheduler
+    from tfmq.diffusion.sampling import make_scheduler
 
     return make_scheduler(params["sampler"]["name"], train_sched.config)
 
@@ -43,9 +43,9 @@ def _jsonable(obj: Any) -> Any:
 @pipeline_task
 def sample_and_score(params: dict[str, Any], checkpoint: str | None, results_dir: str) -> dict[str, Any]:
     """Sample ``eval.num_samples`` images, save a grid, compute FID/sFID/KID/IS (and the domain IS)."""
-    from tfmq.data import to_uint8
+    from tfmq.diffusion.data import to_uint8
     from tfmq.evaluation.metrics import compute_metrics
-    from tfmq.sampling import sample, save_grid
+    from tfmq.diffusion.sampling import sample, save_grid
     from tasks.reference import reference_path
 
     e, s = params["eval"], params["sampler"]

@@ -1,6 +1,6 @@
 """Quantization tasks: the three stages of a method's recipe, one checkpoint after each.
 
-TFMQ-DM runs TIAR on the Temporal Information Block (spec section 4), then BRECQ on the remaining
+TFMQ-DM runs TIAR on the Temporal Information Block (docs/method.md section 4), then BRECQ on the remaining
 blocks with the temporal layers frozen (section 6), then Finite Set Calibration of the activation
 ranges (section 5); the baselines run their own recipe through the same three stages (a stage the
 recipe lacks is a recorded no-op). Each task loads the FP model plus the previous stage's
@@ -21,7 +21,7 @@ STAGE_FILES = {"recon_tib": "tib", "recon_blocks": "blocks", "calibrate_activati
 
 def quant_config(params: dict[str, Any], method: str, bits: str):
     """The ``tfmq.QuantConfig`` of one setting: the ``quant`` section with method and bits replaced."""
-    from tfmq.config import QuantConfig, parse_bits
+    from tfmq.quant.config import QuantConfig, parse_bits
 
     w, a = parse_bits(bits)
     return QuantConfig.from_dict(dict(params["quant"], method=method, weight_bits=w, act_bits=a))
@@ -30,7 +30,7 @@ def quant_config(params: dict[str, Any], method: str, bits: str):
 def _load_stage_input(params: dict[str, Any], config, previous: str | None):
     """FP model from ``model.fp_dir``; prepared fresh (first stage) or with the previous checkpoint loaded."""
     import tfmq
-    from tfmq.models import load_fp_model
+    from tfmq.diffusion.models import load_fp_model
 
     dev = device()
     unet, _ = load_fp_model(params["model"]["fp_dir"], dev)
@@ -52,7 +52,7 @@ def _record(quant_dir: Path, stage: str, seconds: float, stats: dict[str, Any]) 
 def _run_stage(stage: str, fn_name: str, params: dict[str, Any], method: str, bits: str, quant_dir: str,
                previous: str | None) -> str:
     import tfmq
-    from tfmq.calibration_data import CalibrationSet
+    from tfmq.diffusion.calibration import CalibrationSet
     config = quant_config(params, method, bits)
     qdir = Path(quant_dir)
     unet = _load_stage_input(params, config, previous)

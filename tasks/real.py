@@ -24,9 +24,9 @@ def score_real(params: dict[str, Any], results_dir: str) -> dict[str, Any]:
     """FID/sFID/KID/IS (+ domain IS) of ``eval.num_samples`` real images; a grid of them under plots/."""
     import torch
 
-    from tfmq.data import load_dataset, to_model_range
+    from tfmq.diffusion.data import load_dataset, to_model_range
     from tfmq.evaluation.metrics import compute_metrics
-    from tfmq.sampling import save_grid
+    from tfmq.diffusion.sampling import save_grid
     from tasks.reference import reference_path
 
     e = params["eval"]

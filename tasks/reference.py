@@ -1,7 +1,7 @@
 """Reference feature statistics: real images embedded once per (split, extractor), reused by every evaluation.
 
 FID/sFID/KID of every setting compare against this one file, so all rows of the results table
-share the same reference and the same network (spec section 9).
+share the same reference and the same network (docs/method.md section 9).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def reference_stats(params: dict[str, Any]) -> str:
     """Embed ``reference.num_images`` real images of ``reference.split`` and cache their statistics."""
     import torch
 
-    from tfmq.data import load_dataset
+    from tfmq.diffusion.data import load_dataset
     from tfmq.evaluation.metrics import compute_reference_stats
 
     r, e = params["reference"], params["eval"]

@@ -13,8 +13,8 @@ from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_prog
 @pipeline_task
 def train_fp(params: dict[str, Any], section: str = "train_fp") -> str:
     """Train one FP DDPM (``train_fp``: unconditional, ``train_fp_class``: class-conditional)."""
-    from tfmq.data import load_dataset
-    from tfmq.training import TrainConfig, train_ddpm
+    from tfmq.diffusion.data import load_dataset
+    from tfmq.diffusion.training import TrainConfig, train_ddpm
 
     cfg_d = dict(params[section])
     out_dir = cfg_d.pop("out_dir")

@@ -16,38 +16,18 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 import tfmq
-from tfmq.calibration_data import capture_calibration_data
-from tfmq.sampling import make_scheduler
+from tfmq.diffusion.calibration import capture_calibration_data
+from tfmq.diffusion.sampling import make_scheduler
+
+from conftest import TEXT_DIM, TEXT_LEN, make_tiny_unet as tiny_unet  # noqa: F401  (re-exported for the engine tests)
 
 SCHED_CFG = dict(DDPMScheduler(num_train_timesteps=1000).config)
 STEPS = 5  # DDIM steps of calibration and of sampling
 N_SAMPLES = 8  # trajectories per calibration set
 KINDS = ("uncond", "class", "text")
-TEXT_LEN, TEXT_DIM = 3, 8
 
 _ROOT = Path(tempfile.mkdtemp(prefix="tfmq-engine-tests-"))
 atexit.register(shutil.rmtree, _ROOT, True)
-
-
-def tiny_unet(kind: str = "uncond", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A seeded FP UNet: ``uncond`` / ``class`` (num_class_embeds=3) UNet2DModel, ``text`` UNet2DConditionModel."""
-    torch.manual_seed(seed)
-    if kind in ("uncond", "class"):
-        kw = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                  norm_num_groups=4, attention_head_dim=4)
-        if kind == "class":
-            kw["num_class_embeds"] = 3
-        kw.update(overrides)
-        return UNet2DModel(**kw).eval()
-    if kind == "text":
-        kw = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
-                  norm_num_groups=4, attention_head_dim=2)
-        kw.update(overrides)
-        return UNet2DConditionModel(**kw).eval()
-    raise ValueError(kind)
 
 
 def conditioning(kind: str, n: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,11 +1,12 @@
-"""tfmq.calibration_data (spec section 7): one UNet call per step, exact x_t, CFG rows, selection helpers."""
+"""tfmq.diffusion.calibration (docs/method.md section 7): one UNet call per step, exact x_t, CFG rows, selection helpers."""
 import json
 
 import pytest
+from conftest import make_tiny_unet
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from tfmq.calibration_data import (
+from tfmq.diffusion.calibration import (
     CalibrationSet,
     all_steps,
     capture_calibration_data,
@@ -13,31 +14,14 @@ from tfmq.calibration_data import (
     ptq4dm_step_counts,
     ptq4dm_timesteps,
 )
-from tfmq.sampling import make_scheduler, sample
+from tfmq.diffusion.sampling import make_scheduler, sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and 2 threads next to another torch job collapse (~100x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_unet(**kw) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=4, **kw).eval()
 
 
-def tiny_text_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, attention_head_dim=2).eval()
 
 
 SCHED_CFG = dict(DDPMScheduler(num_train_timesteps=100).config)
@@ -51,7 +35,7 @@ def _count_calls(unet):
 
 @pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("pndm", 0.0)])
 def test_capture_records_the_sampler_trajectory(tmp_path, name, eta):
-    unet, sched = tiny_unet(), make_scheduler(name, SCHED_CFG)
+    unet, sched = make_tiny_unet(), make_scheduler(name, SCHED_CFG)
     calls, handle = _count_calls(unet)
     calib = capture_calibration_data(unet, sched, tmp_path / "c", num_samples=5, num_inference_steps=4,
                                      batch_size=2, seed=7, eta=eta, progress=False)
@@ -76,7 +60,7 @@ def test_capture_records_the_sampler_trajectory(tmp_path, name, eta):
 
 
 def test_cfg_class_labels_records_null_and_cond_rows(tmp_path):
-    unet = tiny_unet(num_class_embeds=4)
+    unet = make_tiny_unet(num_class_embeds=4)
     labels = torch.tensor([0, 1, 2])
     calls, handle = _count_calls(unet)
     calib = capture_calibration_data(unet, make_scheduler("ddim", SCHED_CFG), tmp_path / "c", 3, 3, batch_size=2,
@@ -97,7 +81,7 @@ def test_cfg_class_labels_records_null_and_cond_rows(tmp_path):
 
 
 def test_cfg_text_records_negative_prompt_rows(tmp_path):
-    unet = tiny_text_unet()
+    unet = make_tiny_unet("text")
     g = torch.Generator().manual_seed(0)
     cond, neg = torch.randn(3, 2, 8, generator=g), torch.randn(1, 2, 8, generator=g)
     calls, handle = _count_calls(unet)
@@ -114,7 +98,7 @@ def test_cfg_text_records_negative_prompt_rows(tmp_path):
 
 
 def _flat_set(tmp_path, steps=10, n=8) -> CalibrationSet:
-    return capture_calibration_data(tiny_unet(), make_scheduler("ddim", SCHED_CFG), tmp_path / "f", n, steps,
+    return capture_calibration_data(make_tiny_unet(), make_scheduler("ddim", SCHED_CFG), tmp_path / "f", n, steps,
                                     batch_size=n, seed=0, progress=False)
 
 

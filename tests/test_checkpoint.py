@@ -1,4 +1,4 @@
-"""tfmq.checkpoint (spec sections 2, 5): exact save/load round trips for every recipe, refusal of a
+"""tfmq.quant.checkpoint (docs/method.md sections 2, 5): exact save/load round trips for every recipe, refusal of a
 mismatching FP model, and stage-wise quantization across processes (save after a stage, load, go on)."""
 import json
 
@@ -7,15 +7,10 @@ import torch
 
 import tfmq
 from engine_fixtures import calib, quantized, run, small_config, tiny_unet, unet_inputs
-from tfmq.model import act_quantizers, get_state, quant_layers
+from tfmq.quant.prepare import act_quantizers, get_state, quant_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(kind):

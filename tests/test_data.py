@@ -1,4 +1,4 @@
-"""tfmq.data: IDX verification, error messages, deterministic one-file snapshots."""
+"""tfmq.diffusion.data: IDX verification, error messages, deterministic one-file snapshots."""
 import gzip
 import hashlib
 import struct
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tfmq.data import (
+from tfmq.diffusion.data import (
     DEFAULT_FASHION_MNIST_DIR,
     DatasetError,
     load_dataset,

@@ -1,4 +1,4 @@
-"""The quantization engine on tiny diffusers UNets (spec sections 2-8): TIB discovery, layer policies,
+"""The quantization engine on tiny diffusers UNets (docs/method.md sections 2-8): TIB discovery, layer policies,
 shortcut splitting, finite set calibration, every recipe end to end, TIAR, the feature cache."""
 import pytest
 import torch
@@ -21,23 +21,17 @@ from engine_fixtures import (
     tiny_unet,
     unet_inputs,
 )
-from tfmq.api import weight_calibration_rows
-from tfmq.fsc import temporal_act_quantizers
-from tfmq.layers import QuantAttnProcessor, QuantLayer
-from tfmq.model import act_quantizers, get_state, quant_layers
-from tfmq.quantizer import ActQuantizer, WeightQuantizer, minmax_qparams
-from tfmq.reconstruction import mean_temporal_cos
-from tfmq.sampling import sample
-from tfmq.tib import TemporalInformationBlock
+from tfmq.quant.api import weight_calibration_rows
+from tfmq.quant.fsc import temporal_act_quantizers
+from tfmq.quant.layers import QuantAttnProcessor, QuantLayer
+from tfmq.quant.prepare import act_quantizers, get_state, quant_layers
+from tfmq.quant.quantizer import ActQuantizer, WeightQuantizer, minmax_qparams
+from tfmq.quant.reconstruction import mean_temporal_cos
+from tfmq.diffusion.sampling import sample
+from tfmq.quant.tib import TemporalInformationBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and 2 threads next to another torch job collapse."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cond(kind: str, n: int) -> dict:

@@ -1,5 +1,5 @@
 """Evaluation suite: Fréchet distance, FID/KID via torch-fidelity extractors, sFID feature path,
-reference-stat caching, domain classifier metrics and the CLIP score (spec section 9)."""
+reference-stat caching, domain classifier metrics and the CLIP score (docs/method.md section 9)."""
 import json
 
 import numpy as np

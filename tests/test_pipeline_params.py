@@ -35,8 +35,8 @@ def test_committed_params_validate():
 
 def test_every_library_hyperparameter_is_in_params_yaml():
     """No hidden defaults: every QuantConfig / TrainConfig field is written out in params.yaml."""
-    from tfmq.config import QuantConfig
-    from tfmq.training import TrainConfig
+    from tfmq.quant.config import QuantConfig
+    from tfmq.diffusion.training import TrainConfig
 
     def fields(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)} - {"version"}

@@ -1,4 +1,4 @@
-"""tfmq.quantizer / tfmq.layers / tfmq.config (spec section 2): exact integer grids, the clipping
+"""tfmq.quant.quantizer / tfmq.quant.layers / tfmq.quant.config (docs/method.md section 2): exact integer grids, the clipping
 search against a brute force, AdaRound, the beta schedule, activation observers, config validation."""
 import math
 
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tfmq
-from tfmq.config import ConfigError, QuantConfig, parse_bits
-from tfmq.layers import QuantLayer
-from tfmq.quantizer import (
+from tfmq.quant.config import ConfigError, QuantConfig, parse_bits
+from tfmq.quant.layers import QuantLayer
+from tfmq.quant.quantizer import (
     GAMMA,
     ZETA,
     ActQuantizer,
@@ -21,15 +21,10 @@ from tfmq.quantizer import (
     minmax_qparams,
     mse_clip_search,
 )
-from tfmq.reconstruction import _optimize, _regularizer, lp_loss
+from tfmq.quant.reconstruction import _optimize, _regularizer, lp_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ def _perturbed(unet, name):
 @pytest.mark.parametrize("num_class_embeds,class_label", [(None, None), (10, 3)])
 def test_hook_and_direct_temporal_features_agree(num_class_embeds, class_label):
     unet = _unet(num_class_embeds)
-    a = T.temporal_features(unet, TIMESTEPS, class_label=class_label, method="hooks")
-    b = T.temporal_features(unet, TIMESTEPS, class_label=class_label, method="direct")
+    a = T.measure_temporal_features(unet, TIMESTEPS, class_label=class_label, method="hooks")
+    b = T.measure_temporal_features(unet, TIMESTEPS, class_label=class_label, method="direct")
     assert a.names == b.names and len(a.names) == 8  # 2 down + 2 mid + 2x2 up resnets
     assert a.names[0].startswith("down_blocks") and a.names[-1].startswith("up_blocks")
     for x, y in zip(a.features, b.features):
@@ -48,8 +48,8 @@ def test_conditional_unet_hook_and_direct_agree():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()
     ehs = torch.randn(1, 3, 8)
-    a = T.temporal_features(unet, TIMESTEPS, method="hooks", unet_kwargs={"encoder_hidden_states": ehs})
-    b = T.temporal_features(unet, TIMESTEPS, method="direct")
+    a = T.measure_temporal_features(unet, TIMESTEPS, method="hooks", unet_kwargs={"encoder_hidden_states": ehs})
+    b = T.measure_temporal_features(unet, TIMESTEPS, method="direct")
     for x, y in zip(a.features, b.features):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
@@ -68,7 +68,7 @@ def test_identical_models_have_cos_one_and_no_mismatch(tmp_path):
 
 def test_perturbed_time_emb_proj_lowers_cos_only_for_that_resnet():
     fp = _unet()
-    feats = T.temporal_features(fp, TIMESTEPS)
+    feats = T.measure_temporal_features(fp, TIMESTEPS)
     target = feats.names[2]
     q = _perturbed(fp, target)
     err = T.temporal_feature_error(feats, q, TIMESTEPS)

@@ -1,26 +1,21 @@
-"""tfmq.models, tfmq.sampling, tfmq.training on tiny seeded UNets (seconds on 2 CPU cores)."""
+"""tfmq.diffusion.models, tfmq.diffusion.sampling, tfmq.diffusion.training on tiny seeded UNets (seconds on 2 CPU cores)."""
 import json
 
 import numpy as np
 import pytest
+from conftest import make_tiny_unet
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from tfmq.models import EMBEDDED_UNET_CONFIG, build_unet, load_fp_model, load_pipeline_parts
-from tfmq.sampling import make_grid_uint8, make_scheduler, sample, save_grid
-from tfmq.training import TrainConfig, train_ddpm
+from tfmq.diffusion.models import EMBEDDED_UNET_CONFIG, build_unet, load_fp_model, load_pipeline_parts
+from tfmq.diffusion.sampling import make_grid_uint8, make_scheduler, sample, save_grid
+from tfmq.diffusion.training import TrainConfig, train_ddpm
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and 2 threads next to another torch job collapse (~100x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = {
@@ -29,8 +24,6 @@ TINY = {
 }
 
 
-def tiny_unet(**kw) -> UNet2DModel:
-    return build_unet({**TINY, **kw}, seed=0).eval()
 
 
 def ddpm_config() -> dict:
@@ -67,7 +60,7 @@ def test_make_scheduler_kinds(tmp_path):
 
 @pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("pndm", 0.0)])
 def test_sampling_is_batch_size_invariant(name, eta):
-    unet, sched = tiny_unet(), make_scheduler(name, ddpm_config())
+    unet, sched = make_tiny_unet(), make_scheduler(name, ddpm_config())
     a = sample(unet, sched, 5, 4, batch_size=5, seed=3, eta=eta, progress=False)
     b = sample(unet, sched, 5, 4, batch_size=2, seed=3, eta=eta, progress=False)
     c = sample(unet, sched, 5, 4, batch_size=5, seed=4, eta=eta, progress=False)
@@ -77,7 +70,7 @@ def test_sampling_is_batch_size_invariant(name, eta):
 
 
 def test_callback_trajectory_and_noise():
-    unet, sched = tiny_unet(), make_scheduler("ddim", ddpm_config())
+    unet, sched = make_tiny_unet(), make_scheduler("ddim", ddpm_config())
     seen = []
     imgs, traj = sample(unet, sched, 3, 4, batch_size=2, seed=0, progress=False, return_trajectory=True,
                         callback=lambda i, t, x: seen.append((i, t, x.clone())))
@@ -96,7 +89,7 @@ def test_callback_trajectory_and_noise():
 
 
 def test_class_labels_and_cfg():
-    unet, sched = tiny_unet(num_class_embeds=4), make_scheduler("ddim", ddpm_config())
+    unet, sched = make_tiny_unet(num_class_embeds=4), make_scheduler("ddim", ddpm_config())
     labels = torch.tensor([0, 1, 2, 0])
     calls = []
     unet.register_forward_pre_hook(lambda m, a, k: calls.append((a[0].shape[0], k["class_labels"].tolist())),

@@ -7,13 +7,13 @@
 """
 __version__ = "0.1.0"
 
-from .config import ActReconConfig, CalibConfig, ConfigError, QuantConfig, ReconConfig, TiarConfig, parse_bits
-from .recipes import RECIPES, Recipe, get_recipe, register_recipe
-from .quantizer import UncalibratedTimestepError
-from .model import enable_inference, prepare_model, set_quant_state
-from .tib import TemporalInformationBlock, temporal_features
-from .api import calibrate_activations, quant_summary, quantize, reconstruct_blocks, reconstruct_temporal
-from .checkpoint import CheckpointMismatchError, load, read_header, save
+from .quant.config import ActReconConfig, CalibConfig, ConfigError, QuantConfig, ReconConfig, TiarConfig, parse_bits
+from .quant.recipes import RECIPES, Recipe, get_recipe, register_recipe
+from .quant.quantizer import UncalibratedTimestepError
+from .quant.prepare import enable_inference, prepare_model, set_quant_state
+from .quant.tib import TemporalInformationBlock, temporal_features
+from .quant.api import calibrate_activations, quant_summary, quantize, reconstruct_blocks, reconstruct_temporal
+from .quant.checkpoint import CheckpointMismatchError, load, read_header, save
 
 METHODS = tuple(RECIPES)
 
@@ -28,7 +28,7 @@ __all__ = [
 
 def __getattr__(name):  # calibration capture pulls in schedulers: import it on first use
     if name in ("CalibrationSet", "capture_calibration_data"):
-        from . import calibration_data
+        from .diffusion import calibration as calibration_data
 
         return getattr(calibration_data, name)
     raise AttributeError(f"module 'tfmq' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Evaluation suite (spec section 9): sample quality (FID/sFID/KID/IS, torch-fidelity extractors),
+"""Evaluation suite (docs/method.md section 9): sample quality (FID/sFID/KID/IS, torch-fidelity extractors),
 domain classifier metrics, CLIP score, and the poster's temporal-disturbance analyses.
 
 Submodules are imported explicitly (``from tfmq.evaluation import metrics``) so that importing the

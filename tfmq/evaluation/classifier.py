@@ -1,4 +1,4 @@
-"""Domain classifier metrics for Fashion-MNIST samples (spec section 9, offline stand-in for IS).
+"""Domain classifier metrics for Fashion-MNIST samples (docs/method.md section 9, offline stand-in for IS).
 
 ImageNet Inception knows nothing about 28x28 clothes, so the Inception Score of Fashion-MNIST
 samples says little. A small CNN trained on the same training split gives a "domain IS"
@@ -57,7 +57,7 @@ class FashionMNISTClassifier(nn.Module):
 
 def _to_input(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8:
-        raise ValueError(f"classifier input must be uint8 images [N,1,H,W]; got dtype {x.dtype}; fix: tfmq.data.to_uint8")
+        raise ValueError(f"classifier input must be uint8 images [N,1,H,W]; got dtype {x.dtype}; fix: tfmq.diffusion.data.to_uint8")
     if x.dim() == 3:
         x = x[:, None]
     return x.float().div(127.5).sub(1.0)

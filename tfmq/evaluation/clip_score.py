@@ -1,4 +1,4 @@
-"""CLIP score for text-guided samples (spec section 9; the paper's Stable Diffusion / MS-COCO column).
+"""CLIP score for text-guided samples (docs/method.md section 9; the paper's Stable Diffusion / MS-COCO column).
 
 Score = 100 * max(cos(image_embed, text_embed), 0), averaged over (image, prompt) pairs — the
 ViT-B/32 convention of the paper and torchmetrics. The CLIP weights come from a local directory

@@ -1,4 +1,4 @@
-"""Feature extractors for FID / sFID / KID / IS (spec section 9), registered with torch-fidelity.
+"""Feature extractors for FID / sFID / KID / IS (docs/method.md section 9), registered with torch-fidelity.
 
 Two families, never mixed in one number:
 
@@ -73,7 +73,7 @@ def efficientnet_name(image_size: int) -> str:
 def _uint8_rgb(x: torch.Tensor) -> torch.Tensor:
     if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] in (1, 3)):
         got = (tuple(x.shape), x.dtype) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"images must be a uint8 tensor [B,1|3,H,W]; got {got}; convert with tfmq.data.to_uint8")
+        raise ValueError(f"images must be a uint8 tensor [B,1|3,H,W]; got {got}; convert with tfmq.diffusion.data.to_uint8")
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 

@@ -1,4 +1,4 @@
-"""Sample-quality metrics for the TFMQ-DM evaluation (spec section 9): FID (+ bootstrap CI), sFID, KID, IS.
+"""Sample-quality metrics for the TFMQ-DM evaluation (docs/method.md section 9): FID (+ bootstrap CI), sFID, KID, IS.
 
 Reference statistics (features, mean, covariance) are computed once per (dataset split, extractor)
 and cached in one safetensors file with a JSON sidecar, so each evaluation only embeds the
@@ -60,7 +60,7 @@ def _check_images(images) -> None:
     if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] in (1, 3)):
         got = (tuple(images.shape), images.dtype) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(
-            f"images must be a uint8 tensor [N,1|3,H,W]; got {got}; fix: tfmq.data.to_uint8(x) for x in [-1,1]"
+            f"images must be a uint8 tensor [N,1|3,H,W]; got {got}; fix: tfmq.diffusion.data.to_uint8(x) for x in [-1,1]"
         )
     if images.shape[0] < 2:
         raise ValueError(f"need at least 2 images for a covariance; got {images.shape[0]}; fix: generate more samples")

@@ -1,4 +1,4 @@
-"""Temporal-disturbance analyses of the TFMQ-DM poster (spec sections 1 and 9) for any FP/quantized UNet pair.
+"""Temporal-disturbance analyses of the TFMQ-DM poster (docs/method.md sections 1 and 9) for any FP/quantized UNet pair.
 
 * temporal feature error: ``cos(emb_{t,i}, emb^q_{t,i})`` where ``emb_{t,i}`` is the output of residual
   block i's ``time_emb_proj`` at timestep t (down, mid, up order);
@@ -25,6 +25,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from tfmq.diffusion.temporal import TemporalInformationBlock, temporal_resnets
+
 
 @dataclass
 class TemporalFeatures:
@@ -33,24 +35,6 @@ class TemporalFeatures:
     names: list[str]
     timesteps: list[int]
     features: list[torch.Tensor]
-
-
-def temporal_resnets(unet: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every residual block with a ``time_emb_proj``, in down -> mid -> up order."""
-    out = []
-    for prefix in ("down_blocks", "mid_block", "up_blocks"):
-        part = getattr(unet, prefix, None)
-        if part is None:
-            continue
-        for name, m in part.named_modules(prefix=prefix):
-            if getattr(m, "time_emb_proj", None) is not None and isinstance(m.time_emb_proj, nn.Module):
-                out.append((name, m))
-    if not out:
-        raise ValueError(
-            f"{type(unet).__name__} has no residual block with time_emb_proj under down_blocks/mid_block/up_blocks; "
-            "expected a diffusers UNet2DModel or UNet2DConditionModel"
-        )
-    return out
 
 
 def _sample_shape(unet: nn.Module, batch: int) -> tuple[int, ...]:
@@ -69,31 +53,7 @@ def _class_tensor(class_label: int | None, batch: int, device) -> torch.Tensor |
 
 
 @torch.no_grad()
-def unet_time_embedding(unet: nn.Module, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``emb`` a diffusers UNet feeds its residual blocks (time + class embedding, + act if any)."""
-    device, dtype = _device_dtype(unet)
-    timesteps = timesteps.to(device)
-    if hasattr(unet, "get_time_embed"):  # UNet2DConditionModel
-        dummy = torch.zeros(timesteps.shape[0], 1, device=device, dtype=dtype)
-        emb = unet.time_embedding(unet.get_time_embed(sample=dummy, timestep=timesteps), None)
-        class_emb = unet.get_class_embed(sample=dummy, class_labels=class_labels)
-        if class_emb is not None:
-            emb = torch.cat([emb, class_emb], -1) if unet.config.class_embeddings_concat else emb + class_emb
-        if getattr(unet, "time_embed_act", None) is not None:
-            emb = unet.time_embed_act(emb)
-        return emb
-    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype))
-    if getattr(unet, "class_embedding", None) is not None:
-        if class_labels is None:
-            raise ValueError("this UNet is class-conditional; pass class_label=<int> (e.g. 0)")
-        if unet.config.class_embed_type == "timestep":
-            class_labels = unet.time_proj(class_labels)
-        emb = emb + unet.class_embedding(class_labels.to(device)).to(dtype)
-    return emb
-
-
-@torch.no_grad()
-def temporal_features(
+def measure_temporal_features(
     unet: nn.Module,
     timesteps: Sequence[int] | torch.Tensor,
     class_label: int | None = None,
@@ -122,12 +82,8 @@ def temporal_features(
                 "fix: use method='hooks' with unet_kwargs"
             )
         t = torch.tensor(ts, dtype=torch.long, device=device)
-        emb = unet_time_embedding(unet, t, _class_tensor(class_label, len(ts), device))
-        feats = []
-        for _, r in resnets:
-            x = emb if getattr(r, "skip_time_act", False) else r.nonlinearity(emb)
-            feats.append(r.time_emb_proj(x).double().cpu())
-        return TemporalFeatures(names, ts, feats)
+        feats = TemporalInformationBlock(unet).features(t, _class_tensor(class_label, len(ts), device))
+        return TemporalFeatures(names, ts, [f.double().cpu() for f in feats])
     if method != "hooks":
         raise ValueError(f"method must be 'hooks' or 'direct'; got {method!r}")
     rows: list[list[torch.Tensor]] = [[] for _ in resnets]
@@ -164,7 +120,7 @@ def _forward_kwargs(unet, class_label, batch, device, unet_kwargs) -> dict:
 
 
 def _as_features(x, timesteps, class_label, method, unet_kwargs) -> TemporalFeatures:
-    return x if isinstance(x, TemporalFeatures) else temporal_features(x, timesteps, class_label, method, unet_kwargs)
+    return x if isinstance(x, TemporalFeatures) else measure_temporal_features(x, timesteps, class_label, method, unet_kwargs)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -501,8 +457,8 @@ def temporal_report(
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps)
     ts = [int(t) for t in sched.timesteps]
-    f = temporal_features(fp, ts, class_label, "hooks", unet_kwargs)
-    g = temporal_features(q, ts, class_label, "hooks", unet_kwargs)
+    f = measure_temporal_features(fp, ts, class_label, "hooks", unet_kwargs)
+    g = measure_temporal_features(q, ts, class_label, "hooks", unet_kwargs)
     err = temporal_feature_error(f, g, plot_path=out_dir / "temporal_feature_error.png")
     mm = temporal_mismatch(f, g, plot_path=out_dir / "temporal_mismatch.png")
     labels = None if class_label is None else torch.full((num_samples,), int(class_label), dtype=torch.long)

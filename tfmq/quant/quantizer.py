@@ -33,7 +33,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n
 
 
 def minmax_qparams(x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max parameters with 0 forced into the range (spec sections 2 and 5)."""
+    """Asymmetric min-max parameters with 0 forced into the range (docs/method.md sections 2 and 5)."""
     x_min = torch.clamp(torch.as_tensor(x_min, dtype=torch.float32), max=0.0)
     x_max = torch.clamp(torch.as_tensor(x_max, dtype=torch.float32), min=0.0)
     scale = torch.clamp((x_max - x_min) / (2**n_bits - 1), min=MIN_SCALE)
@@ -44,7 +44,7 @@ def minmax_qparams(x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int) -> tup
 def mse_clip_search(
     w: torch.Tensor, n_bits: int, n_candidates: int = 80, p: float = 2.4, step: float = 0.01
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel scale and zero point by the clipping search of spec section 2.
+    """Per-output-channel scale and zero point by the clipping search of docs/method.md section 2.
 
     Candidates ``i = 0..n_candidates-1`` clip the channel's ``[min, max]`` to ``(1 - step * i)``
     of itself; the one with the lowest mean ``|x_hat - x|^p`` wins (first one on ties).
@@ -167,7 +167,7 @@ class ActQuantizer(nn.Module):
     tensors keyed by the scheduler's integer timestep and selects the row(s) of the current UNet
     call from the ``TimestepContext``; an uncalibrated timestep raises. While ``observing``, it
     tracks the (EMA) min/max of what flows through it and quantizes with the running estimate,
-    so later layers see quantized inputs (sequential calibration, spec section 5).
+    so later layers see quantized inputs (sequential calibration, docs/method.md section 5).
     """
 
     def __init__(self, n_bits: int, ctx: TimestepContext, unsigned: bool = False):

@@ -20,7 +20,7 @@ TEMPORAL_LINEARS = ("time_embedding.linear_1", "time_embedding.linear_2")
 
 
 def is_temporal(name: str) -> bool:
-    """True for the layers of the Temporal Information Block (spec section 3)."""
+    """True for the layers of the Temporal Information Block (docs/method.md section 3)."""
     return name in TEMPORAL_LINEARS or name.endswith("time_emb_proj")
 
 

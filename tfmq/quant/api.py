@@ -1,6 +1,6 @@
 """The public verbs: prepare, the three reconstruction/calibration stages, and ``quantize``.
 
-Each stage reads the method's recipe (``tfmq.recipes``) and does that recipe's step, or records
+Each stage reads the method's recipe (``tfmq.quant.recipes``) and does that recipe's step, or records
 that the recipe has none. The stages can run in separate processes: save the model with
 ``tfmq.save`` after a stage and ``tfmq.load`` it onto a fresh FP model before the next one.
 """
@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .fsc import calibrate_shared_ranges, finite_set_calibration, temporal_act_quantizers
-from .model import act_quantizers, enable_inference, get_state, is_quantized, prepare_model, set_quant_state
+from .prepare import act_quantizers, enable_inference, get_state, is_quantized, prepare_model, set_quant_state
 from .reconstruction import (
     finalize_all_nearest,
     learn_activation_steps,
@@ -81,7 +81,7 @@ def tiar_inputs(calib, every_k: int = 1) -> tuple[torch.Tensor, torch.Tensor | N
 
 
 def weight_calibration_rows(calib, config: QuantConfig, weight_set: str) -> dict[str, torch.Tensor]:
-    from . import calibration_data as cd
+    from ..diffusion import calibration as cd
 
     c = config.calib
     if weight_set == "ptq4dm":
@@ -131,7 +131,7 @@ def reconstruct_blocks(unet: nn.Module, calib, config: QuantConfig | None = None
 
 
 def _steps(calib, n_per_step: int | None) -> list[tuple[int, dict[str, torch.Tensor]]]:
-    from . import calibration_data as cd
+    from ..diffusion import calibration as cd
 
     out = []
     for i, t in enumerate(calib.timesteps):
@@ -143,7 +143,7 @@ def _steps(calib, n_per_step: int | None) -> list[tuple[int, dict[str, torch.Ten
 
 def calibrate_activations(unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True) -> dict[str, Any]:
     """Stage 3: activation ranges (FSC / shared EMA / min-max / Q-Diffusion learned steps)."""
-    from . import calibration_data as cd
+    from ..diffusion import calibration as cd
 
     state = _begin(unet, "activations", config)
     cfg = state.config
@@ -208,7 +208,7 @@ def quantize(unet: nn.Module, calib, config: QuantConfig, device=None, progress:
 
 def quant_summary(unet: nn.Module) -> dict[str, Any]:
     """Counts of quantized layers / activation quantizers and the TIB size, for logs and reports."""
-    from .model import quant_layers
+    from .prepare import quant_layers
 
     state = get_state(unet)
     layers = list(quant_layers(unet))

@@ -1,7 +1,7 @@
 """Quantization configuration: one validated dataclass per concern, paper values as defaults.
 
 `QuantConfig` is the single object a user passes to `tfmq.quantize` (torchao style). Every
-field has the value of the TFMQ-DM / Q-Diffusion papers as its default (spec sections 2-8);
+field has the value of the TFMQ-DM / Q-Diffusion papers as its default (docs/method.md sections 2-8);
 the embedded pipeline overrides the iteration counts from params.yaml. `from_dict` rejects
 unknown keys so that a typo in a params file fails loudly.
 """
@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ReconConfig:
-    """BRECQ / AdaRound block reconstruction (spec sections 2 and 6)."""
+    """BRECQ / AdaRound block reconstruction (docs/method.md sections 2 and 6)."""
 
     iters: int = 20000  # paper: 20 000 per block
     batch_size: int = 32  # paper: 32 (8 for Stable Diffusion)
@@ -47,7 +47,7 @@ class ReconConfig:
 
 @dataclass
 class TiarConfig:
-    """Temporal Information Aware Reconstruction (spec section 4); regulariser as in `recon`."""
+    """Temporal Information Aware Reconstruction (docs/method.md section 4); regulariser as in `recon`."""
 
     iters: int = 20000
     batch_size: int = 32
@@ -61,7 +61,7 @@ class TiarConfig:
 
 @dataclass
 class ActReconConfig:
-    """Q-Diffusion's activation step-size learning (spec section 8)."""
+    """Q-Diffusion's activation step-size learning (docs/method.md section 8)."""
 
     iters: int = 5000
     batch_size: int = 32
@@ -77,7 +77,7 @@ class ActReconConfig:
 
 @dataclass
 class CalibConfig:
-    """Which calibration rows each step uses (spec sections 5 and 7)."""
+    """Which calibration rows each step uses (docs/method.md sections 5 and 7)."""
 
     every_k: int = 10  # weight/TIAR/BRECQ set: every k-th sampler step ...
     n_per_step: int = 256  # ... with this many rows each (paper: 256 -> 5 120 rows)

@@ -1,87 +1,17 @@
-"""Temporal Information Block (spec section 3): a view over the UNet's t-only modules.
+"""The engine's side of the Temporal Information Block (docs/method.md section 3).
 
-``emb_{t,i} = g_i(h(t))``: ``h`` = ``time_proj`` -> ``time_embedding`` (+ the class embedding of
-class-conditional models), ``g_i`` = ``time_emb_proj(nonlinearity(.))`` of the i-th
-``ResnetBlock2D`` in down / mid / up order. The modules stay where they are; the UNet's forward
-is unchanged. Works for ``UNet2DModel`` and ``UNet2DConditionModel``.
+The block itself (``h`` and every ``g_i``) is computed by ``tfmq.diffusion.temporal``; here are
+``temporal_features`` of a model as it stands (quantized: the per-timestep quantizers read the
+current t) and the TPAMI extension's cache of FP features served at inference.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from diffusers.models.resnet import ResnetBlock2D
 
+from ..diffusion.temporal import TemporalInformationBlock, temporal_resnets
 
-def resnets_in_order(unet: nn.Module) -> list[tuple[str, ResnetBlock2D]]:
-    """Every ResnetBlock2D with a temporal projection, in down -> mid -> up order."""
-    out = []
-    for prefix in ("down_blocks", "mid_block", "up_blocks"):
-        part = getattr(unet, prefix, None)
-        if part is None:
-            continue
-        for name, m in part.named_modules():
-            if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None:
-                out.append((f"{prefix}.{name}" if name else prefix, m))
-    return out
-
-
-class TemporalInformationBlock:
-    """``h`` and every ``g_i`` of one UNet, computed without running the image path."""
-
-    def __init__(self, unet: nn.Module):
-        self.unet = unet
-        cfg = unet.config
-        if getattr(cfg, "addition_embed_type", None):
-            raise NotImplementedError(
-                f"addition_embed_type={cfg.addition_embed_type!r} (e.g. SDXL) makes the time embedding depend on the "
-                "prompt, so it is no longer a finite temporal block; only UNets without an addition embedding are supported"
-            )
-        self.resnets = resnets_in_order(unet)
-        if not self.resnets:
-            raise ValueError("the UNet has no ResnetBlock2D with a time_emb_proj: no temporal information block to build")
-
-    @property
-    def names(self) -> list[str]:
-        return [n for n, _ in self.resnets]
-
-    def layer_names(self) -> list[str]:
-        """Names of the TIB's Linear layers (``time_embedding.*`` then every ``time_emb_proj``)."""
-        return ["time_embedding.linear_1", "time_embedding.linear_2"] + [f"{n}.time_emb_proj" for n in self.names]
-
-    def embedding(self, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """``h(t)`` (+ class embedding), as the UNet computes it before its first block."""
-        unet = self.unet
-        dtype = next(unet.parameters()).dtype
-        t_emb = unet.time_proj(timesteps).to(dtype)
-        try:
-            emb = unet.time_embedding(t_emb)
-        except TypeError:
-            emb = unet.time_embedding(t_emb, None)
-        class_embedding = getattr(unet, "class_embedding", None)
-        if class_embedding is not None:
-            if class_labels is None:
-                raise ValueError("this UNet is class-conditional: pass class_labels with the timesteps")
-            labels = class_labels
-            if unet.config.class_embed_type == "timestep":
-                labels = unet.time_proj(labels).to(dtype)
-            class_emb = class_embedding(labels).to(dtype)
-            if getattr(unet.config, "class_embeddings_concat", False):
-                emb = torch.cat([emb, class_emb], dim=-1)
-            else:
-                emb = emb + class_emb
-        act = getattr(unet, "time_embed_act", None)
-        if act is not None:
-            emb = act(emb)
-        return emb
-
-    def features(self, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """``[emb_{t,1}, ..., emb_{t,n}]``, each ``[B, C_i]`` (the ``time_emb_proj`` outputs)."""
-        emb = self.embedding(timesteps, class_labels)
-        feats = []
-        for _, r in self.resnets:
-            temb = emb if r.skip_time_act else r.nonlinearity(emb)
-            feats.append(r.time_emb_proj(temb))
-        return feats
+__all__ = ["TemporalInformationBlock", "TemporalFeatureCache", "install_feature_cache", "temporal_features", "temporal_resnets"]
 
 
 def temporal_features(
@@ -141,7 +71,7 @@ class TemporalFeatureCache(nn.Module):
 
 
 def _attach_cache(unet: nn.Module, cache: TemporalFeatureCache) -> None:
-    from .model import get_state
+    from .prepare import get_state
 
     state = get_state(unet)
     for h in state.cache_hooks:
@@ -159,7 +89,7 @@ def _attach_cache(unet: nn.Module, cache: TemporalFeatureCache) -> None:
 
 def install_feature_cache(unet: nn.Module, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> dict:
     """Compute FP ``emb_{t,i}`` for the finite set and serve them from a cache at inference."""
-    from .model import get_state, set_quant_state
+    from .prepare import get_state, set_quant_state
 
     state = get_state(unet)
     tib = TemporalInformationBlock(unet)

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from tfmq.data import to_model_range
+from tfmq.diffusion.data import to_model_range
 from tfmq.io import atomic_dir, atomic_write_json
-from tfmq.models import build_unet
-from tfmq.sampling import make_scheduler, sample, save_grid
+from tfmq.diffusion.models import build_unet
+from tfmq.diffusion.sampling import make_scheduler, sample, save_grid
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 

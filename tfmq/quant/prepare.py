@@ -1,8 +1,8 @@
 """Turning a diffusers UNet into a (fake-)quantized one, in place, and switching its state.
 
-Wrapping follows the method's layer policy (spec section 2); a pre-forward hook on the UNet
+Wrapping follows the method's layer policy (docs/method.md section 2); a pre-forward hook on the UNet
 records the ``timestep`` argument of every call so that per-timestep activation tables (FSC,
-spec section 5) select their entry without touching the pipeline or counting calls.
+docs/method.md section 5) select their entry without touching the pipeline or counting calls.
 """
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from torch import nn
 from safetensors.torch import load_file
 
 from .config import FORMAT_VERSION, QuantConfig
-from .io import atomic_dir, atomic_save_safetensors, atomic_write_json
-from .model import act_quantizers, enable_inference, get_state, prepare_model, quant_layers, set_quant_state
+from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json
+from .prepare import act_quantizers, enable_inference, get_state, prepare_model, quant_layers, set_quant_state
 from .tib import TemporalFeatureCache, _attach_cache
 
 WEIGHTS_NAME = "quantized.safetensors"
@@ -35,7 +35,7 @@ def _versions() -> dict[str, str]:
     import diffusers
     import safetensors
 
-    from . import __version__
+    from .. import __version__
 
     return {"tfmq": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "safetensors": safetensors.__version__}
 

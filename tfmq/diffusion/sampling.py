@@ -1,4 +1,4 @@
-"""The sampler loop shared by evaluation, calibration capture and trajectory analysis (spec sections 7, 9).
+"""The sampler loop shared by evaluation, calibration capture and trajectory analysis (docs/method.md sections 7, 9).
 
 One visible denoising loop over a diffusers scheduler (DDIM with eta, DDPM, PNDM/PLMS), batched
 and seeded so that sample j is the same image whatever the batch size: the initial noise of all

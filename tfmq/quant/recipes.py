@@ -1,4 +1,4 @@
-"""Methods as data: each method is a recipe of named steps, looked up by name (spec section 8).
+"""Methods as data: each method is a recipe of named steps, looked up by name (docs/method.md section 8).
 
 The engine never branches on a method's name; it reads the recipe's fields. A new method is a
 new ``Recipe`` registered here (or by a user with ``register_recipe``), not an edit of the core.

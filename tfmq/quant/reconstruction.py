@@ -1,4 +1,4 @@
-"""Reconstruction engine: TIAR (spec section 4), BRECQ blocks (section 6), layer units, and
+"""Reconstruction engine: TIAR (docs/method.md section 4), BRECQ blocks (section 6), layer units, and
 Q-Diffusion's activation step-size learning (section 8).
 
 Every unit is reconstructed from cached tensors: its FP output (target) and its input taken
@@ -21,7 +21,7 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from .config import ActReconConfig, ReconConfig, TiarConfig
 from .layers import QuantLayer
-from .model import example_inputs, quant_layers, set_quant_state
+from .prepare import example_inputs, quant_layers, set_quant_state
 from .quantizer import ActQuantizer, beta_schedule
 from .tib import TemporalInformationBlock
 

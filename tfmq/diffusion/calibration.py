@@ -1,4 +1,4 @@
-"""Calibration data, spec section 7: the UNet inputs recorded along full FP sampler trajectories.
+"""Calibration data, docs/method.md section 7: the UNet inputs recorded along full FP sampler trajectories.
 
 One pass per seed records ``(x_t, t, conditioning)`` at every sampler step -- O(T) UNet calls, not
 the O(T^2) of the released generator -- by hooking the UNet's forward, so what is stored is exactly
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tfmq.io import atomic_dir, atomic_save_safetensors, atomic_write_json
-from tfmq.sampling import sample
+from tfmq.diffusion.sampling import sample
 
 FORMAT = "tfmq-calibration-v1"
 UNET_KWARGS = ("sample", "timestep", "class_labels", "encoder_hidden_states")
@@ -140,7 +140,7 @@ def capture_calibration_data(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> CalibrationSet:
-    """Run FP trajectories with ``tfmq.sampling.sample`` and store every UNet call's inputs.
+    """Run FP trajectories with ``tfmq.diffusion.sampling.sample`` and store every UNet call's inputs.
 
     Args:
         unet: the FP UNet; a forward pre-hook records its inputs (removed afterwards).

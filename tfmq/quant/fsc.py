@@ -1,4 +1,4 @@
-"""Activation range calibration: Finite Set Calibration (spec section 5) and shared ranges.
+"""Activation range calibration: Finite Set Calibration (docs/method.md section 5) and shared ranges.
 
 FSC keeps one (scale, zero point) per sampler timestep: for each t, that step's calibration
 rows are shuffled and forwarded in mini-batches of 16 with the whole model in quantized mode
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model import act_quantizers, quant_layers, set_quant_state
+from .prepare import act_quantizers, quant_layers, set_quant_state
 from .quantizer import ActQuantizer
 from .reconstruction import Batch, batches, num_rows
 

@@ -142,7 +142,7 @@ def load_dataset(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     d = load_file(str(path))
     missing = [k for k in _DATASET_KEYS if k not in d]
     if missing:
-        raise DatasetError(f"dataset snapshot {path} lacks {missing}; re-create it with tfmq.data.save_dataset")
+        raise DatasetError(f"dataset snapshot {path} lacks {missing}; re-create it with tfmq.diffusion.data.save_dataset")
     return d
 
 
