@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tfmq.evaluation.metrics import inception_score_from_logits
+from tfmq.evaluation.feature_metrics import inception_score_from_logits
 from tfmq.io import atomic_save_safetensors, atomic_write_json
 
 WEIGHTS_NAME = "classifier.safetensors"
