@@ -51,11 +51,31 @@ def test_eig_formulation_and_bootstrap_agree_with_sqrtm():
     exact = M.frechet_distance(mu_f, s_f, mu_r, s_r, method="sqrtm")
     assert M.frechet_distance(mu_f, s_f, mu_r, s_r) == pytest.approx(exact, rel=1e-9)
     assert M.frechet_distance_eig(fake, mu_r, M.psd_sqrt(s_r), np.trace(s_r)) == pytest.approx(exact, rel=1e-9)
+    # full rank (N > D): the self-distance is round-off only, far below 1e-9 of the traces
+    assert abs(M.frechet_distance(mu_r, s_r, mu_r, s_r)) < 1e-9 * np.trace(s_r)
+    assert abs(M.frechet_distance(mu_r, s_r, mu_r, s_r, method="sqrtm")) < 1e-9 * np.trace(s_r)
     bs = M.bootstrap_fid(fake, mu_r, s_r, num_rounds=50, seed=0)
     assert bs["point"] == pytest.approx(exact, rel=1e-9) and bs["rounds"] == 50 and bs["std"] > 0
+    # the same rounds by hand: resample with numpy's generator, recompute FID with scipy sqrtm
+    rng = np.random.default_rng(0)
+    vals = np.array([M.frechet_distance(*M.feature_statistics(fake[rng.integers(0, 60, size=60)]), mu_r, s_r,
+                                        method="sqrtm") for _ in range(50)])
+    lo, med, hi = np.percentile(vals, [2.5, 50, 97.5])
+    assert bs["ci_percentile_raw"] == pytest.approx([lo, hi], rel=1e-8)
+    assert bs["ci"] == pytest.approx([exact + lo - med, exact + hi - med], rel=1e-8)
+    assert bs["bias"] == pytest.approx(vals.mean() - exact, rel=1e-6) and bs["std"] == pytest.approx(vals.std(ddof=1), rel=1e-6)
     assert bs["ci"][0] < exact < bs["ci"][1] and bs["bias"] > 0  # duplicates inflate bootstrap FIDs
-    width = bs["ci_percentile_raw"][1] - bs["ci_percentile_raw"][0]
-    assert bs["ci"][1] - bs["ci"][0] == pytest.approx(width)
+
+
+def _degenerate_fd_tol(sigma: np.ndarray) -> float:
+    """Error budget of a float64 Fréchet distance on a rank-deficient covariance (N < D).
+
+    The ~D null-space eigenvalues come out as round-off of size eps*||S||^2 instead of 0, and the
+    square root turns each into up to sqrt(eps)*||S||: at most D*sqrt(eps)*||S|| in all, with
+    ||S|| <= tr(S). Any CPU's LAPACK meets this; a wrong formula (a missing sqrt, a factor 2) is off
+    by O(tr(S)), 10^4 times more.
+    """
+    return sigma.shape[0] * float(np.sqrt(np.finfo(np.float64).eps)) * 2 * float(np.trace(sigma))
 
 
 def test_fid_self_zero_and_noise_large_through_torch_fidelity():
@@ -67,12 +87,19 @@ def test_fid_self_zero_and_noise_large_through_torch_fidelity():
     self_fid = torch_fidelity.calculate_metrics(input1=real, input2=real, **kw)["frechet_inception_distance"]
     noise_fid = torch_fidelity.calculate_metrics(input1=real, input2=noise, **kw)["frechet_inception_distance"]
     feats = M.extract_features(real.images, "efficientnet-lite0", ["1280"], progress=False)["1280"]
+    noise_feats = M.extract_features(noise.images, "efficientnet-lite0", ["1280"], progress=False)["1280"]
+    assert feats.shape == noise_feats.shape == (16, 1280)
     mu, sigma = M.feature_statistics(feats)
-    scale = 2 * np.trace(sigma)
-    assert abs(self_fid) / scale < 1e-6
-    ours = M.frechet_distance(mu, sigma, mu, sigma)
-    assert abs(ours) / scale < 1e-6
-    assert noise_fid > 100 * max(abs(self_fid), 1e-3 * scale) and noise_fid > 0.1 * scale
+    mu_n, sigma_n = M.feature_statistics(noise_feats)
+    tol = _degenerate_fd_tol(sigma)  # 16 samples, 1280 dims: singular covariances
+    assert abs(self_fid) < tol and abs(M.frechet_distance(mu, sigma, mu, sigma)) < tol
+    # ours (eigh, float64) against torch-fidelity's own FID (scipy sqrtm) on the same network and images
+    ours = M.frechet_distance(mu_n, sigma_n, mu, sigma)
+    assert ours == pytest.approx(noise_fid, abs=tol)
+    assert M.frechet_distance_eig(noise_feats.double().numpy(), mu, M.psd_sqrt(sigma), np.trace(sigma)) == \
+        pytest.approx(noise_fid, abs=tol)
+    # noise images are far from the blobs: the distance is most of tr(S_r) + tr(S_n), not round-off
+    assert noise_fid > 1000 * tol and noise_fid > 0.1 * (np.trace(sigma) + np.trace(sigma_n))
 
 
 def test_reference_cache_and_compute_metrics_provenance(tmp_path):
@@ -90,10 +117,27 @@ def test_reference_cache_and_compute_metrics_provenance(tmp_path):
     other = M.compute_metrics(_noise(16, 3), ref, num_bootstrap=0, kid_subsets=10, progress=False)
     ext = "efficientnet-lite0-112"
     v, w = same["values"], other["values"]
-    assert abs(v[f"fid/{ext}"]) < 1e-6 * 2 * np.trace(ref.sigma["1280"])
+    assert abs(v[f"fid/{ext}"]) < _degenerate_fd_tol(ref.sigma["1280"])
+    assert abs(v[f"sfid_proxy/{ext}"]) < _degenerate_fd_tol(ref.sigma["spatial"])
     # unbiased MMD^2 of a set against itself is not exactly 0 (diagonal terms), but tiny next to noise
     assert abs(v[f"kid_mean/{ext}"]) < 0.05 * w[f"kid_mean/{ext}"]
-    assert w[f"fid/{ext}"] > 100 and w[f"sfid_proxy/{ext}"] > v[f"sfid_proxy/{ext}"]
+    # the cached reference holds exactly the features of the real images
+    real_feats = M.extract_features(real, "efficientnet-lite0", ["1280", "spatial"], progress=False)
+    for layer in ("1280", "spatial"):
+        torch.testing.assert_close(ref.features[layer], real_feats[layer], rtol=0, atol=0)
+        mu, sigma = M.feature_statistics(real_feats[layer])
+        np.testing.assert_allclose(ref.mu[layer], mu, rtol=0, atol=0)
+        np.testing.assert_allclose(ref.sigma[layer], sigma, rtol=0, atol=0)
+    # each number of compute_metrics equals the formula applied by hand to the noise images' features
+    nf = M.extract_features(_noise(16, 3), "efficientnet-lite0", ["1280", "spatial", "logits"], progress=False)
+    for key, layer in (("fid", "1280"), ("sfid_proxy", "spatial")):
+        by_hand = M.frechet_distance(*M.feature_statistics(nf[layer]), ref.mu[layer], ref.sigma[layer])
+        assert w[f"{key}/{ext}"] == pytest.approx(by_hand, abs=_degenerate_fd_tol(ref.sigma[layer]))
+        assert w[f"{key}/{ext}"] > 1000 * _degenerate_fd_tol(ref.sigma[layer])
+    k = M.kid(nf["1280"], ref.features["1280"], subsets=10)
+    assert w[f"kid_mean/{ext}"] == pytest.approx(k["mean"], rel=1e-6) and w[f"kid_std/{ext}"] == pytest.approx(k["std"], rel=1e-6)
+    isc = M.inception_score_from_logits(nf["logits"])
+    assert w[f"is_proxy/{ext}"] == pytest.approx(isc["mean"], rel=1e-6) and w[f"is_proxy/{ext}"] >= 1.0
     assert set(v) >= {f"fid/{ext}", f"fid_ci95_low/{ext}", f"fid_ci95_high/{ext}", f"sfid_proxy/{ext}",
                       f"kid_mean/{ext}", f"kid_std/{ext}", f"is_proxy/{ext}", f"is_proxy_std/{ext}"}
     assert all(k.endswith("/" + ext) for k in v)  # no number without its extractor
@@ -141,6 +185,13 @@ def test_inception_metrics_end_to_end_random_weights(tmp_path, random_inception_
     ext = E.INCEPTION_NAME
     assert {f"fid/{ext}", f"sfid/{ext}", f"kid_mean/{ext}", f"is/{ext}"} <= set(out["values"])
     assert out["metrics"]["sfid"]["dims"] == 2023 and out["image_size"] == 299
+    assert out["metrics"]["fid"]["dims"] == 2048 and out["n_fake"] == 4 and out["n_ref"] == 4
+    v = out["values"]
+    assert np.isfinite([v[f"fid/{ext}"], v[f"sfid/{ext}"], v[f"kid_mean/{ext}"]]).all()
+    # two different image sets: both distances clearly positive; IS = exp(E KL) >= 1 always
+    for key, layer in (("fid", "2048"), ("sfid", E.SFID_FEATURE)):
+        assert v[f"{key}/{ext}"] > 1000 * _degenerate_fd_tol(ref.sigma[layer])
+    assert v[f"is/{ext}"] >= 1.0
 
 
 def test_missing_inception_weights_is_one_clear_error():
@@ -183,6 +234,15 @@ def test_classifier_train_save_load_and_metrics(tmp_path):
     assert acc["accuracy"] > 0.9 and len(acc["per_class"]) == 10 and acc["classifier_test_accuracy"] == info["test_accuracy"]
     dis = C.domain_inception_score(tmp_path, x)
     assert 1.0 < dis["mean"] <= 10.0 and dis["label"] == "domain IS (fashion-mnist classifier)"
+    # the IS formula by hand on the classifier's softmax (one split): exp(mean_x KL(p(y|x) || p(y)))
+    p = torch.softmax(C.predict_logits(model, x).double(), dim=1)
+    by_hand = torch.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean()).item()
+    one = C.domain_inception_score_from_logits(C.predict_logits(model, x), splits=1, shuffle=False)
+    assert one["mean"] == pytest.approx(by_hand, rel=1e-5)
+    hits = C.predict_logits(model, x).argmax(1) == yt
+    assert acc["accuracy"] == pytest.approx(hits.double().mean().item(), abs=1e-12)
+    assert sorted(acc["per_class"]) == list(range(10))
+    assert sum(acc["per_class"].values()) / 10 == pytest.approx(acc["accuracy"], abs=1e-9)  # balanced classes
 
 
 def _tiny_clip_dir(path):
@@ -219,6 +279,19 @@ def test_clip_score_unavailable_and_tiny_local_model(tmp_path):
     assert missing["available"] is False and missing["value"] is None
     d = tmp_path / "clip"
     _tiny_clip_dir(d)
-    out = clip_score(x, ["a shirt", "a boot", "photo of a shirt"], clip_dir=d, batch_size=2)
+    prompts = ["a shirt", "a boot", "photo of a shirt"]
+    out = clip_score(x, prompts, clip_dir=d, batch_size=2)
     assert out["available"] is True and 0.0 <= out["value"] <= 100.0 and out["n"] == 3
     assert out["model"]["patch_size"] == 8
+    # by hand, one pair at a time (no batching or padding): 100 * max(cos(image, text), 0)
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, proc = CLIPModel.from_pretrained(str(d)).eval(), CLIPProcessor.from_pretrained(str(d))
+    scores = []
+    with torch.no_grad():
+        for img, text in zip(x, prompts):
+            o = model(**proc(text=[text], images=[img.expand(3, -1, -1).permute(1, 2, 0).numpy()], return_tensors="pt"))
+            cos = torch.nn.functional.cosine_similarity(o.image_embeds, o.text_embeds).item()
+            scores.append(100.0 * max(cos, 0.0))
+    assert out["value"] == pytest.approx(sum(scores) / 3, abs=1e-4)
+    assert out["std"] == pytest.approx(float(torch.tensor(scores, dtype=torch.float64).std()), abs=1e-4)
