@@ -1,6 +1,6 @@
 """``tfmq``: the one command line entry point (dvc.yaml stages, people, and the scheduler call it).
 
-    tfmq check                                   # validate params.yaml
+    tfmq check                                   # validate params.yaml, the grid and every input path
     tfmq quantize --method tfmq --bits W4A8      # TIAR -> BRECQ -> FSC, checkpoint under quant/
     tfmq evaluate --method tfmq --bits W4A8      # samples, FID/sFID/KID/IS, temporal analyses, MLflow
     tfmq evaluate --fp                           # the FP model's row of the table
@@ -9,7 +9,9 @@
     tfmq report                                  # results/results.md from the metrics files
 
 Every command takes ``--config params.yaml`` and ``--no-prefect`` (plain functions, no Prefect server).
-Invalid params are one error line and exit code 2, before anything heavy is imported.
+params.yaml is loaded and validated ONCE here; the settings (``tasks.setting.Setting``) are built
+here and passed down. Bad input (params, method, bits, a missing input file, a truncated or foreign
+checkpoint) is one error line and exit code 2, before any flow starts.
 """
 from __future__ import annotations
 
@@ -78,54 +80,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_setting(args: argparse.Namespace, params: dict[str, Any]) -> tuple[str, str]:
-    """(method, bits) from the flags or the quant section, checked before any flow run is created."""
-    from flows.params import ParamsError, default_bits
-    from tfmq import RECIPES
-    from tfmq.quant.config import parse_bits
+def _settings(args: argparse.Namespace, params) -> list:
+    """The run's settings, built once here (the edge) and passed down: none, one, or the compare grid."""
+    from tasks.setting import grid_settings, quantized_setting, unquantized_setting
 
-    method = args.method or params["quant"]["method"]
-    bits = args.bits or default_bits(params)
-    if method not in RECIPES:
-        raise ParamsError(f"unknown method {method!r}; expected one of {', '.join(RECIPES)}")
-    parse_bits(bits)
-    return method, bits
+    cmd = args.command
+    if cmd in ("check", "compare"):
+        return grid_settings(params, args.methods if cmd == "compare" else None, args.bits if cmd == "compare" else None)
+    if cmd == "evaluate" and (args.fp or args.real):
+        return [unquantized_setting(params, "fp" if args.fp else "real", args.name)]
+    if cmd in ("quantize", "evaluate", "run"):
+        return [quantized_setting(params, args.method, args.bits, args.name)]
+    return []
 
 
-def _dispatch(args: argparse.Namespace, params: dict[str, Any]) -> Any:
+def _dispatch(args: argparse.Namespace, params, settings: list) -> Any:
     from flows import pipeline, stages
 
-    cfg = args.config
     rf: Callable[..., Any] = stages.run_flow
     cmd = args.command
-    if cmd == "prepare-data":
-        return rf(stages.prepare_data_flow, cfg)
+    simple = {"prepare-data": stages.prepare_data_flow, "train-classifier": stages.train_classifier_flow,
+              "reference-stats": stages.reference_stats_flow, "calib-data": stages.calib_data_flow,
+              "report": stages.report_flow}
+    if cmd in simple:
+        return rf(simple[cmd], params)
     if cmd == "train":
-        return rf(stages.train_fp_flow, "train_fp_class" if args.class_conditional else "train_fp", cfg)
-    if cmd == "train-classifier":
-        return rf(stages.train_classifier_flow, cfg)
-    if cmd == "reference-stats":
-        return rf(stages.reference_stats_flow, cfg)
-    if cmd == "calib-data":
-        return rf(stages.calib_data_flow, cfg)
-    if cmd == "quantize":
-        method, bits = _resolve_setting(args, params)
-        return rf(stages.quantize_flow, method, bits, cfg, args.name)
-    if cmd == "evaluate":
-        if args.fp or args.real:
-            return rf(stages.evaluate_flow, "fp" if args.fp else "real", "FP32", cfg, args.name)
-        method, bits = _resolve_setting(args, params)
-        return rf(stages.evaluate_flow, method, bits, cfg, args.name)
-    if cmd == "run":
-        method, bits = _resolve_setting(args, params)
-        return rf(pipeline.quantize_and_evaluate, method, bits, cfg, args.name)
-    if cmd == "compare":
-        return rf(pipeline.compare, args.methods, args.bits, cfg, args.rebuild)
-    if cmd == "report":
-        return rf(stages.report_flow, cfg)
+        return rf(stages.train_fp_flow, params, "train_fp_class" if args.class_conditional else "train_fp")
+    if cmd in ("quantize", "evaluate", "run"):
+        flow_ = {"quantize": stages.quantize_flow, "evaluate": stages.evaluate_flow,
+                 "run": pipeline.quantize_and_evaluate}[cmd]
+        return rf(flow_, settings[0], params)
+    if cmd == "compare":  # the deployment's entry point: it takes the file and builds the same grid
+        return rf(pipeline.compare, args.methods, args.bits, args.config, args.rebuild)
     if cmd == "repro":
         return rf(pipeline.repro, args.targets, args.force)
     raise AssertionError(cmd)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input, not a bug: one line, exit 2 (anything else keeps its traceback)."""
+    import tfmq
+    import tfmq.quant.checkpoint as ckpt
+    from flows.params import ParamsError
+    from tasks.setting import SettingError
+
+    return tuple({ParamsError, SettingError, tfmq.ConfigError, tfmq.CheckpointMismatchError,
+                  getattr(ckpt, "CheckpointError", tfmq.CheckpointMismatchError)})
 
 
 def _log_timing(args: argparse.Namespace, wall: float) -> None:
@@ -151,6 +151,11 @@ def _log_timing(args: argparse.Namespace, wall: float) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
+def _error(e: BaseException) -> int:
+    print(f"tfmq: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flows.params import ParamsError, load_params
@@ -158,11 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.config)
     except ParamsError as e:
-        print(f"tfmq: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
+    from flows import checks
+
+    errors = _input_errors()
+    try:
+        settings = _settings(args, params)
+        checks.run_inputs(args.command, params, settings[0] if len(settings) == 1 else None)
+    except errors as e:
+        return _error(e)
     _MARKS["params"] = time.time()
     if args.command == "check":
-        print(f"{args.config}: OK")
+        print(f"{args.config}: OK\n{checks.summary(params, settings)}")
         return 0
     from flows.stages import PLAIN
     from tasks.common import configure_torch
@@ -173,10 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_torch()
     t0 = time.time()
     try:
-        result = _dispatch(args, params)
-    except (ParamsError, ValueError, FileNotFoundError) as e:
-        print(f"tfmq: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ParamsError) else 1
+        result = _dispatch(args, params, settings)
+    except errors as e:  # e.g. a checkpoint that fails tfmq.load's model check
+        return _error(e)
     finally:
         _log_timing(args, time.time() - t0)
     if isinstance(result, str):

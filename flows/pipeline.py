@@ -14,8 +14,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.params import load_params, setting_name
+from flows.params import Params, load_params
+from tasks.setting import Setting, grid_settings, unquantized_setting
 from flows.stages import (
+    _OBJECTS,
     calib_data_flow,
     evaluate_flow,
     prepare_data_flow,
@@ -29,11 +31,11 @@ from flows.stages import (
 from tasks.common import logger, pipeline_task
 
 
-@flow(name="quantize-and-evaluate", flow_run_name="{method}-{bits}")
-def quantize_and_evaluate(method: str, bits: str, config: str = "params.yaml", name: str | None = None) -> str:
-    """Quantize one (method, bits) setting and evaluate it; returns its metrics.json path."""
-    run_flow(quantize_flow, method, bits, config, name)
-    return run_flow(evaluate_flow, method, bits, config, name)
+@flow(name="quantize-and-evaluate", flow_run_name="{setting.name}", **_OBJECTS)
+def quantize_and_evaluate(setting: Setting, params: Params) -> str:
+    """Quantize one setting and evaluate it; returns its metrics.json path."""
+    run_flow(quantize_flow, setting, params)
+    return run_flow(evaluate_flow, setting, params)
 
 
 def _missing(path: str) -> bool:
@@ -44,27 +46,29 @@ def _missing(path: str) -> bool:
 @flow(name="compare")
 def compare(methods: list[str] | None = None, bits: list[str] | None = None, config: str = "params.yaml",
             rebuild: bool = False) -> str:
-    """The method x bits grid plus the real-data and FP rows, then the results table; upstream outputs are built when missing."""
+    """The method x bits grid plus the real-data and FP rows, then the results table; upstream outputs are built when missing.
+
+    The deployment's entry point: it takes the params file's path, validates it and builds every
+    setting once, before any work starts.
+    """
     params = load_params(config)
-    methods = methods or params["grid"]["methods"]
-    bits = bits or params["grid"]["bits"]
+    settings = grid_settings(params, methods, bits)
     upstream = [
-        (params["data"]["path"], prepare_data_flow, ()),
-        (params["model"]["fp_dir"], train_fp_flow, ("train_fp",)),
-        (params["classifier"]["path"], train_classifier_flow, ()),
-        (params["reference"]["dir"], reference_stats_flow, ()),
-        (params["calib_data"]["out_dir"], calib_data_flow, ()),
+        (params.data.path, prepare_data_flow, ()),
+        (params.model.fp_dir, train_fp_flow, ("train_fp",)),
+        (params.classifier.path, train_classifier_flow, ()),
+        (params.reference.dir, reference_stats_flow, ()),
+        (params.calib_data.out_dir, calib_data_flow, ()),
     ]
     for out, flow_, args in upstream:
         if rebuild or _missing(out):
-            run_flow(flow_, *args, config)
-    run_flow(evaluate_flow, "real", "FP32", config)
-    run_flow(evaluate_flow, "fp", "FP32", config)
-    for b in bits:
-        for m in methods:
-            logger().info("setting %s", setting_name(m, b))
-            run_flow(quantize_and_evaluate, m, b, config)
-    return run_flow(report_flow, config)
+            run_flow(flow_, params, *args)
+    run_flow(evaluate_flow, unquantized_setting(params, "real"), params)
+    run_flow(evaluate_flow, unquantized_setting(params, "fp"), params)
+    for setting in settings:
+        logger().info("setting %s", setting.name)
+        run_flow(quantize_and_evaluate, setting, params)
+    return run_flow(report_flow, params)
 
 
 @pipeline_task

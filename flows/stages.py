@@ -1,18 +1,21 @@
 """One Prefect flow per DVC stage: what ``dvc repro`` runs, and what the composed flows reuse.
 
-Each flow reads params.yaml, calls its tasks in order and passes file paths between them. With
-``plain=True`` (CLI ``--no-prefect``) the same task bodies run as plain functions, with no Prefect
-server at all: the library's path for users who want neither DVC nor Prefect.
+Each flow takes the validated :class:`~flows.params.Params` (loaded once by the CLI or by
+``compare``) and, for a setting's stages, its :class:`~flows.setting.Setting`; it hands each task
+that setting plus the params section the task reads, and passes file paths between tasks. With
+``--no-prefect`` (``PLAIN``) the same task bodies run as plain functions, with no Prefect server at
+all: the library's path for users who want neither DVC nor Prefect.
 """
 from __future__ import annotations
 
 import contextvars
-from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow
 
-from flows.params import load_params, setting_name
+from flows.checks import reference_file
+from flows.params import Params
+from tasks.setting import Setting
 from tasks import calibration as calib_tasks
 from tasks import classifier as clf_tasks
 from tasks import data as data_tasks
@@ -25,6 +28,8 @@ from tasks import train as train_tasks
 from tasks.tracking import log_run
 
 PLAIN = contextvars.ContextVar("tfmq_plain", default=False)
+#: the flows take objects, already validated at the edge; Prefect only records them (as JSON)
+_OBJECTS = dict(validate_parameters=False)
 
 
 def call(task_, *args: Any, **kwargs: Any) -> Any:
@@ -41,92 +46,67 @@ def run_flow(flow_, *args: Any, **kwargs: Any) -> Any:
     return flow_(*args, **kwargs)
 
 
-def setting_dirs(params: dict[str, Any], name: str) -> tuple[str, str]:
-    """``(quant/<name>, results/<name>)``: where a setting's checkpoints and results (plots, csv) go."""
-    return str(Path(params["quant_out"]["dir"]) / name), str(Path(params["eval"]["out_dir"]) / name)
+@flow(name="prepare-data", **_OBJECTS)
+def prepare_data_flow(params: Params) -> str:
+    return call(data_tasks.prepare_data, params.data)
 
 
-def metrics_path(params: dict[str, Any], name: str) -> str:
-    """``results/metrics/<name>.json``: one DVC metrics file per setting, all in the dir the report reads."""
-    return str(Path(params["eval"]["out_dir"]) / "metrics" / f"{name}.json")
+@flow(name="train-fp", **_OBJECTS)
+def train_fp_flow(params: Params, section: str = "train_fp") -> str:
+    return call(train_tasks.train_fp, getattr(params, section), params.data.path, section)
 
 
-@flow(name="prepare-data")
-def prepare_data_flow(config: str = "params.yaml") -> str:
-    return call(data_tasks.prepare_data, load_params(config))
+@flow(name="train-classifier", **_OBJECTS)
+def train_classifier_flow(params: Params) -> str:
+    return call(clf_tasks.train_classifier, params.classifier, params.data.path)
 
 
-@flow(name="train-fp")
-def train_fp_flow(section: str = "train_fp", config: str = "params.yaml") -> str:
-    return call(train_tasks.train_fp, load_params(config), section)
+@flow(name="reference-stats", **_OBJECTS)
+def reference_stats_flow(params: Params) -> str:
+    return call(ref_tasks.reference_stats, params.reference, params.eval, params.data.path, reference_file(params))
 
 
-@flow(name="train-classifier")
-def train_classifier_flow(config: str = "params.yaml") -> str:
-    return call(clf_tasks.train_classifier, load_params(config))
-
-
-@flow(name="reference-stats")
-def reference_stats_flow(config: str = "params.yaml") -> str:
-    return call(ref_tasks.reference_stats, load_params(config))
-
-
-@flow(name="calib-data")
-def calib_data_flow(config: str = "params.yaml") -> str:
-    return call(calib_tasks.calib_data, load_params(config))
+@flow(name="calib-data", **_OBJECTS)
+def calib_data_flow(params: Params) -> str:
+    return call(calib_tasks.calib_data, params.calib_data, params.sampler, params.model.fp_dir)
 
 
 def _run_name(kind: str) -> Callable[[], str]:
-    """Flow-run names ``<kind>-<setting>``: ``--name`` when given (``quantize-exp``), else ``<method>-<bits>``."""
+    """Flow-run names ``<kind>-<setting name>``: ``quantize-tfmq-W4A8``, ``quantize-exp``, ``evaluate-fp``."""
 
     def name() -> str:
         from prefect.runtime import flow_run
 
-        p = flow_run.parameters
-        if p.get("name"):
-            return f"{kind}-{p['name']}"
-        if p.get("method") in ("fp", "real"):
-            return f"{kind}-{p['method']}"
-        return f"{kind}-{setting_name(p['method'], p['bits'])}"
+        s = flow_run.parameters["setting"]
+        return f"{kind}-{s['name'] if isinstance(s, dict) else s.name}"
 
     return name
 
 
-@flow(name="quantize", flow_run_name=_run_name("quantize"))
-def quantize_flow(method: str, bits: str, config: str = "params.yaml", name: str | None = None) -> str:
+@flow(name="quantize", flow_run_name=_run_name("quantize"), **_OBJECTS)
+def quantize_flow(setting: Setting, params: Params) -> str:
     """TIAR -> block reconstruction -> activation calibration; returns the final checkpoint path."""
-    params = load_params(config)
-    quant_dir, _ = setting_dirs(params, name or setting_name(method, bits))
-    tib = call(quant_tasks.recon_tib, params, method, bits, quant_dir)
-    blocks = call(quant_tasks.recon_blocks, params, method, bits, quant_dir, tib)
-    return call(quant_tasks.calibrate_activations, params, method, bits, quant_dir, blocks)
+    calib = params.calib_data.out_dir
+    tib = call(quant_tasks.recon_tib, setting, calib)
+    blocks = call(quant_tasks.recon_blocks, setting, calib, tib)
+    return call(quant_tasks.calibrate_activations, setting, calib, blocks)
 
 
-@flow(name="evaluate", flow_run_name=_run_name("evaluate"))
-def evaluate_flow(method: str = "fp", bits: str = "FP32", config: str = "params.yaml", name: str | None = None) -> str:
-    """Samples + metrics + temporal analyses of one setting, then MLflow.
-
-    ``method="fp"``: the FP model; ``method="real"``: real images instead of samples (the table's floor).
-    """
-    params = load_params(config)
-    fp, real = method == "fp", method == "real"
-    unquantized = fp or real
-    name = name or (method if unquantized else setting_name(method, bits))
-    quant_dir, results_dir = setting_dirs(params, name)
-    checkpoint = None if unquantized else str(Path(quant_dir) / quant_tasks.STAGE_FILES["calibrate_activations"])
-    if real:
-        scores = call(real_tasks.score_real, params, results_dir)
+@flow(name="evaluate", flow_run_name=_run_name("evaluate"), **_OBJECTS)
+def evaluate_flow(setting: Setting, params: Params) -> str:
+    """Samples (or, for the real-data row, real images) + metrics + temporal analyses of one setting, then MLflow."""
+    ref, clf = reference_file(params), params.classifier.path
+    if setting.kind == "real":
+        scores = call(real_tasks.score_real, params.eval, params.data.path, params.reference.split, ref, clf,
+                      setting.results_dir)
     else:
-        scores = call(eval_tasks.sample_and_score, params, checkpoint, results_dir)
-    temporal = {} if unquantized else call(eval_tasks.temporal_analysis, params, checkpoint, results_dir)
-    row_method, row_bits = ("real", "data") if real else (None, None) if fp else (method, bits)
-    out = call(eval_tasks.write_metrics, params, name, row_method, row_bits, None if unquantized else quant_dir,
-               metrics_path(params, name), scores, temporal)
-    run_params = None if unquantized else quant_tasks.quant_config(params, method, bits).to_dict()
-    call(log_run, params, name, row_method, row_bits, out, results_dir, run_params)
+        scores = call(eval_tasks.sample_and_score, setting, params.eval, params.sampler, ref, clf)
+    temporal = call(eval_tasks.temporal_analysis, setting, params.eval, params.sampler) if setting.quantized else {}
+    out = call(eval_tasks.write_metrics, setting, params.eval, params.sampler, scores, temporal)
+    call(log_run, setting, params.mlflow, params.model_dump(exclude={"quant"}))
     return out
 
 
-@flow(name="report")
-def report_flow(config: str = "params.yaml") -> str:
-    return call(report_tasks.report, load_params(config))
+@flow(name="report", **_OBJECTS)
+def report_flow(params: Params) -> str:
+    return call(report_tasks.report, params.eval.out_dir, params.grid, params.report.path)

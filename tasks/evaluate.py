@@ -16,13 +16,14 @@ from typing import Any
 
 from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
 from tasks.calibration import class_labels_for
+from tasks.setting import Setting
 
 
-def load_unet(params: dict[str, Any], checkpoint: str | None):
-    """FP UNet + training scheduler from ``model.fp_dir``; with a checkpoint, the quantized UNet on top."""
+def load_unet(fp_dir: str, checkpoint: str | None):
+    """FP UNet + training scheduler from ``fp_dir``; with a checkpoint, the quantized UNet on top."""
     from tfmq.diffusion.models import load_fp_model
 
-    unet, train_sched = load_fp_model(params["model"]["fp_dir"], device())
+    unet, train_sched = load_fp_model(fp_dir, device())
     if checkpoint is not None:
         import tfmq
 
@@ -30,10 +31,10 @@ def load_unet(params: dict[str, Any], checkpoint: str | None):
     return unet, train_sched
 
 
-def _sampler(params: dict[str, Any], train_sched):
+def _sampler(sampler, train_sched):
     from tfmq.diffusion.sampling import make_scheduler
 
-    return make_scheduler(params["sampler"]["name"], train_sched.config)
+    return make_scheduler(sampler.name, train_sched.config)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -41,38 +42,42 @@ def _jsonable(obj: Any) -> Any:
 
 
 @pipeline_task
-def sample_and_score(params: dict[str, Any], checkpoint: str | None, results_dir: str) -> dict[str, Any]:
+def sample_and_score(setting: Setting, e, sampler, reference: str, classifier: str) -> dict[str, Any]:
     """Sample ``eval.num_samples`` images, save a grid, compute FID/sFID/KID/IS (and the domain IS)."""
     from tfmq.diffusion.data import to_uint8
-    from tfmq.evaluation.metrics import compute_metrics
     from tfmq.diffusion.sampling import sample, save_grid
-    from tasks.reference import reference_path
 
-    e, s = params["eval"], params["sampler"]
     dev, prog = device(), show_progress()
-    unet, train_sched = load_unet(params, checkpoint)
-    labels = class_labels_for(unet, e["num_samples"])
+    unet, train_sched = load_unet(setting.fp_dir, setting.checkpoint)
+    labels = class_labels_for(unet, e.num_samples)
     times: dict[str, float] = {}
     with timed(times, "sample"), timed(COMPUTE_TIMES, "sample"):
-        x = sample(unet, _sampler(params, train_sched), e["num_samples"], s["num_inference_steps"], e["batch_size"],
-                   e["seed"], eta=s["eta"], class_labels=labels, device=dev, progress=prog)
+        x = sample(unet, _sampler(sampler, train_sched), e.num_samples, sampler.num_inference_steps, e.batch_size,
+                   e.seed, eta=sampler.eta, class_labels=labels, device=dev, progress=prog)
     images = to_uint8(x)
-    plots = Path(results_dir) / "plots"
-    save_grid(x[: e["grid_images"]], plots / "samples.png", nrow=8, scale=2)
-    with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
-        scores = compute_metrics(images, reference_path(params), extractor=e["extractor"],
-                                 weights_path=e["inception_weights"], num_bootstrap=e["num_bootstrap"],
-                                 bootstrap_seed=e["seed"], device=dev, progress=prog)
-        domain = _domain_scores(params, images, labels)
+    save_grid(x[: e.grid_images], Path(setting.results_dir) / "plots" / "samples.png", nrow=8, scale=2)
+    scores, domain = score_images(images, labels, e, reference, classifier, times)
     logger().info("sampled %d images in %.1f s, metrics in %.1f s", len(images), times["sample"], times["metrics"])
     return _jsonable({"scores": scores, "domain": domain, "times": times})
 
 
-def _domain_scores(params: dict[str, Any], images, labels) -> dict[str, Any] | None:
+def score_images(images, labels, e, reference: str, classifier: str, times: dict[str, float]):
+    """FID/sFID/KID/IS against ``reference`` and the domain IS of ``classifier``: the same for samples and real images."""
+    from tfmq.evaluation.metrics import compute_metrics
+
+    with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
+        scores = compute_metrics(images, reference, extractor=e.extractor, weights_path=e.inception_weights,
+                                 num_bootstrap=e.num_bootstrap, bootstrap_seed=e.seed, device=device(),
+                                 progress=show_progress())
+        domain = _domain_scores(classifier, images, labels)
+    return scores, domain
+
+
+def _domain_scores(classifier: str, images, labels) -> dict[str, Any] | None:
     """Domain IS (+ class accuracy for class-conditional samples) from the pipeline's Fashion-MNIST classifier."""
     from tfmq.evaluation.classifier import class_accuracy, domain_inception_score, load_classifier
 
-    model = load_classifier(params["classifier"]["path"], device())
+    model = load_classifier(classifier, device())
     s = domain_inception_score(model, images, device=device())
     out = {"is_mean": s["mean"], "is_std": s["std"], "label": s["label"],
            "classifier_test_accuracy": s.get("classifier_test_accuracy")}
@@ -82,22 +87,22 @@ def _domain_scores(params: dict[str, Any], images, labels) -> dict[str, Any] | N
 
 
 @pipeline_task
-def temporal_analysis(params: dict[str, Any], checkpoint: str, results_dir: str) -> dict[str, Any]:
+def temporal_analysis(setting: Setting, e, sampler) -> dict[str, Any]:
     """FP vs quantized: temporal feature cos per (t, resnet), mismatch delta, trajectory deviation, ranges; plots."""
     import torch
 
     from tfmq.evaluation.temporal import default_activation_layers, temporal_report
     from tfmq.io import atomic_write_text
 
-    e, s = params["eval"], params["sampler"]
-    fp_unet, train_sched = load_unet(params, None)
-    q_unet, _ = load_unet(params, checkpoint)
+    results_dir = setting.results_dir
+    fp_unet, train_sched = load_unet(setting.fp_dir, None)
+    q_unet, _ = load_unet(setting.fp_dir, setting.checkpoint)
     class_label = 0 if getattr(fp_unet.config, "num_class_embeds", None) else None  # one fixed class for every t
     with timed(COMPUTE_TIMES, "temporal"):
-        rep = temporal_report(fp_unet, q_unet, _sampler(params, train_sched), s["num_inference_steps"],
-                              Path(results_dir) / "plots", num_samples=e["temporal_samples"], seed=e["seed"],
-                              eta=s["eta"], class_label=class_label,
-                              layer_names=default_activation_layers(fp_unet)[: e["activation_layers"]],
+        rep = temporal_report(fp_unet, q_unet, _sampler(sampler, train_sched), sampler.num_inference_steps,
+                              Path(results_dir) / "plots", num_samples=e.temporal_samples, seed=e.seed,
+                              eta=sampler.eta, class_label=class_label,
+                              layer_names=default_activation_layers(fp_unet)[: e.activation_layers],
                               progress=show_progress())
     cos, delta, traj = torch.tensor(rep["cos"]), torch.tensor(rep["delta_step"]), rep["trajectory"]
     rows = [{"timestep": t, "step": k, "temporal_cos": float(cos[k].mean()), "temporal_cos_min": float(cos[k].min()),
@@ -121,16 +126,15 @@ def _first(values: dict[str, Any], *prefixes: str) -> Any:
 
 
 @pipeline_task
-def write_metrics(params: dict[str, Any], name: str, method: str | None, bits: str | None, quant_dir: str | None,
-                  out_path: str, scored: dict[str, Any], temporal: dict[str, Any]) -> str:
-    """Merge scores, temporal summary and quantization wall times into one DVC metrics JSON (``out_path``)."""
+def write_metrics(setting: Setting, e, sampler, scored: dict[str, Any], temporal: dict[str, Any]) -> str:
+    """Merge scores, temporal summary and quantization wall times into one DVC metrics JSON (``setting.metrics_path``)."""
     from tfmq.io import atomic_write_json
 
-    sc, e, s = scored["scores"], params["eval"], params["sampler"]
+    sc = scored["scores"]
     v, det = sc["values"], sc["metrics"]
     domain = scored.get("domain") or {}
     m: dict[str, Any] = {
-        "setting": name, "method": method or "fp", "bits": bits or "W32A32",
+        "setting": setting.name, "method": setting.method, "bits": setting.bits,
         "extractor": sc["extractor"], "extractor_label": sc["extractor_label"],
         "fid": _first(v, "fid"), "fid_ci_low": _first(v, "fid_ci95_low"), "fid_ci_high": _first(v, "fid_ci95_high"),
         "sfid": _first(v, "sfid", "sfid_proxy"), "sfid_label": det.get("sfid", {}).get("label"),
@@ -148,19 +152,21 @@ def write_metrics(params: dict[str, Any], name: str, method: str | None, bits: s
         m.update(is_mean=m["is_imagenet_mean"], is_std=m["is_imagenet_std"], is_label=det.get("is", {}).get("label"))
     m.update({
         "num_samples": sc["n_fake"], "reference": f"{sc['reference']['split']} split, n={sc['reference']['n']}",
-        "sampler": s["name"], "num_inference_steps": s["num_inference_steps"], "eta": s["eta"], "seed": e["seed"],
+        "sampler": sampler.name, "num_inference_steps": sampler.num_inference_steps, "eta": sampler.eta,
+        "seed": e.seed,
         "device": device(), "eval_time_sample_s": scored["times"].get("sample"),
         "eval_time_metrics_s": scored["times"].get("metrics"),
     })
     if temporal:
         m.update({k: v2 for k, v2 in temporal.get("summary", {}).items()})
+    quant_dir = setting.quant_dir
     if quant_dir is not None and (Path(quant_dir) / "stage_times.json").is_file():
         stages = json.loads((Path(quant_dir) / "stage_times.json").read_text())
         for stage, rec in stages.items():
             m[f"quant_time_{stage}_s"] = rec["wall_s"]
         m["quant_time_total_s"] = round(sum(rec["wall_s"] for rec in stages.values()), 3)
-    out = Path(out_path)
+    out = Path(setting.metrics_path)
     atomic_write_json(m, out)
-    logger().info("%s: FID %.2f sFID %.2f KID %.4f IS %.2f -> %s", name, m["fid"] or float("nan"),
+    logger().info("%s: FID %.2f sFID %.2f KID %.4f IS %.2f -> %s", setting.name, m["fid"] or float("nan"),
                   m["sfid"] or float("nan"), m["kid_mean"] or float("nan"), m["is_mean"] or float("nan"), out)
     return str(out)

@@ -10,41 +10,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
-from tasks.evaluate import _domain_scores, _jsonable
+from tasks.common import logger, pipeline_task
+from tasks.evaluate import _jsonable, score_images
 
 
-def real_split(params: dict[str, Any]) -> str:
+def real_split(reference_split: str) -> str:
     """The split the real-data row draws from: the one ``reference.split`` does *not* name."""
-    return "train" if params["reference"]["split"] == "test" else "test"
+    return "train" if reference_split == "test" else "test"
 
 
 @pipeline_task
-def score_real(params: dict[str, Any], results_dir: str) -> dict[str, Any]:
+def score_real(e, data_path: str, reference_split: str, reference: str, classifier: str,
+               results_dir: str) -> dict[str, Any]:
     """FID/sFID/KID/IS (+ domain IS) of ``eval.num_samples`` real images; a grid of them under plots/."""
     import torch
 
     from tfmq.diffusion.data import load_dataset, to_model_range
-    from tfmq.evaluation.metrics import compute_metrics
     from tfmq.diffusion.sampling import save_grid
-    from tasks.reference import reference_path
 
-    e = params["eval"]
-    split = real_split(params)
-    pool = load_dataset(params["data"]["path"])[f"{split}_images"]
-    if e["num_samples"] > len(pool):
-        raise ValueError(f"eval.num_samples={e['num_samples']} exceeds the {len(pool)} {split} images; "
+    split = real_split(reference_split)
+    pool = load_dataset(data_path)[f"{split}_images"]
+    if e.num_samples > len(pool):
+        raise ValueError(f"eval.num_samples={e.num_samples} exceeds the {len(pool)} {split} images; "
                          "expected at most that many for the real-data row")
-    idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(e["seed"]))[: e["num_samples"]]
+    idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(e.seed))[: e.num_samples]
     images = pool[idx.sort().values]
     images = images if images.dim() == 4 else images.unsqueeze(1)
-    save_grid(to_model_range(images[: e["grid_images"]]), Path(results_dir) / "plots" / "samples.png",
+    save_grid(to_model_range(images[: e.grid_images]), Path(results_dir) / "plots" / "samples.png",
               nrow=8, scale=2)
     times: dict[str, float] = {}
-    with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
-        scores = compute_metrics(images, reference_path(params), extractor=e["extractor"],
-                                 weights_path=e["inception_weights"], num_bootstrap=e["num_bootstrap"],
-                                 bootstrap_seed=e["seed"], device=device(), progress=show_progress())
-        domain = _domain_scores(params, images, None)
+    scores, domain = score_images(images, None, e, reference, classifier, times)
     logger().info("real-data row: %d %s images, metrics in %.1f s", len(images), split, times["metrics"])
     return _jsonable({"scores": scores, "domain": domain, "times": times})

@@ -5,38 +5,25 @@ share the same reference and the same network (docs/method.md section 9).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
 
 
-def reference_path(params: dict[str, Any]) -> Path:
-    """``<reference.dir>/<split>_<extractor>.safetensors`` (the extractor's registered name)."""
-    from tfmq.evaluation.extractors import get_extractor_spec
-
-    name = get_extractor_spec(params["eval"]["extractor"]).name
-    return Path(params["reference"]["dir"]) / f"{params['reference']['split']}_{name}.safetensors"
-
-
 @pipeline_task
-def reference_stats(params: dict[str, Any]) -> str:
-    """Embed ``reference.num_images`` real images of ``reference.split`` and cache their statistics."""
+def reference_stats(r, e, data_path: str, out: str) -> str:
+    """Embed ``reference.num_images`` real images of ``reference.split`` and cache their statistics in ``out``."""
     import torch
 
     from tfmq.diffusion.data import load_dataset
     from tfmq.evaluation.metrics import compute_reference_stats
 
-    r, e = params["reference"], params["eval"]
-    images = load_dataset(params["data"]["path"])[f"{r['split']}_images"]
-    if r["num_images"] < len(images):  # a seeded subset: same images on every machine
-        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(r["seed"]))[: r["num_images"]]
+    images = load_dataset(data_path)[f"{r.split}_images"]
+    if r.num_images < len(images):  # a seeded subset: same images on every machine
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(r.seed))[: r.num_images]
         images = images[idx.sort().values]
     images = images if images.dim() == 4 else images.unsqueeze(1)
-    out = reference_path(params)
     with timed(COMPUTE_TIMES, "reference_stats"):
-        ref = compute_reference_stats(images, out, extractor=e["extractor"], split=r["split"],
-                                      weights_path=e["inception_weights"], device=device(),
+        ref = compute_reference_stats(images, out, extractor=e.extractor, split=r.split,
+                                      weights_path=e.inception_weights, device=device(),
                                       progress=show_progress(), recompute=True)
-    logger().info("reference stats: %d %s images, %s -> %s", ref.meta["n"], r["split"], ref.meta["extractor"], out)
+    logger().info("reference stats: %d %s images, %s -> %s", ref.meta["n"], r.split, ref.meta["extractor"], out)
     return str(out)

@@ -41,17 +41,17 @@ def _is_cell(m: dict[str, Any]) -> str:
     return f"{m['is_mean']:.2f} ± {m.get('is_std', 0.0):.2f}"
 
 
-def build_table(params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-    """Markdown of the grid's metrics.json files (missing settings show as 'not run')."""
-    results = Path(params["eval"]["out_dir"]) / "metrics"
+def build_table(out_dir: str, grid) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown of the grid's metrics.json files under ``<eval.out_dir>/metrics`` (missing settings show as 'not run')."""
+    results = Path(out_dir) / "metrics"
     rows: list[tuple[str, str, dict[str, Any] | None]] = []
     real_path = results / "real.json"  # the real-data row (optional: an older run has none)
     if real_path.is_file():
         rows.append(("real images", "-", json.loads(real_path.read_text())))
     fp_path = results / "fp.json"
     rows.append(("FP", "W32A32", json.loads(fp_path.read_text()) if fp_path.is_file() else None))
-    for bits in params["grid"]["bits"]:
-        for method in params["grid"]["methods"]:
+    for bits in grid.bits:
+        for method in grid.methods:
             p = results / f"{method}-{bits}.json"
             rows.append((method, bits, json.loads(p.read_text()) if p.is_file() else None))
     present = [m for _, _, m in rows if m]
@@ -95,12 +95,12 @@ def build_table(params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 
 
 @pipeline_task
-def report(params: dict[str, Any]) -> str:
+def report(out_dir: str, grid, path: str) -> str:
     """Write the results table (``report.path``, Markdown) and print it."""
     from tfmq.io import atomic_write_text
 
-    text, _ = build_table(params)
-    atomic_write_text(text, params["report"]["path"])
-    logger().info("results table -> %s", params["report"]["path"])
+    text, _ = build_table(out_dir, grid)
+    atomic_write_text(text, path)
+    logger().info("results table -> %s", path)
     print(text)
-    return params["report"]["path"]
+    return path

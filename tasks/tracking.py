@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import ORCH_TIMES, logger, pipeline_task, timed
+from tasks.setting import Setting
 
 _EXP_TMP = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
 
@@ -28,12 +29,12 @@ def main_repo_root(start: str | os.PathLike | None = None) -> Path:
     return here
 
 
-def tracking_uri(params: dict[str, Any]) -> str:
+def tracking_uri(section) -> str:
     """``MLFLOW_TRACKING_URI`` > ``mlflow.tracking_uri`` in params.yaml > ``sqlite:///<repo root>/mlflow.db``."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if params["mlflow"]["tracking_uri"]:
-        return params["mlflow"]["tracking_uri"]
+    if section.tracking_uri:
+        return section.tracking_uri
     return f"sqlite:///{main_repo_root() / 'mlflow.db'}"
 
 
@@ -79,34 +80,37 @@ def _per_timestep(path: Path) -> list[dict[str, str]]:
 
 
 @pipeline_task(io=True)
-def log_run(params: dict[str, Any], setting: str, method: str | None, bits: str | None, metrics_path: str,
-            results_dir: str, run_params: dict[str, Any] | None = None) -> str:
-    """Log one setting's metrics JSON, plots and provenance to MLflow; return the run id."""
+def log_run(setting: Setting, section, pipeline_params: dict[str, Any]) -> str:
+    """Log one setting's metrics JSON, plots and provenance to MLflow; return the run id.
+
+    ``section`` is params.yaml's ``mlflow``; ``pipeline_params`` every other section but ``quant``,
+    logged as the run's params next to the setting's own resolved ``QuantConfig``.
+    """
     with timed(ORCH_TIMES, "mlflow"):  # import included: part of what MLflow costs a stage
-        return _log_run(params, setting, method, bits, metrics_path, results_dir, run_params)
+        return _log_run(setting, section, pipeline_params)
 
 
-def _log_run(params: dict[str, Any], setting: str, method: str | None, bits: str | None, metrics_path: str,
-             results_dir: str, run_params: dict[str, Any] | None) -> str:
+def _log_run(setting: Setting, section, pipeline_params: dict[str, Any]) -> str:
     import mlflow
 
-    results = Path(results_dir)
+    results, metrics_path = Path(setting.results_dir), setting.metrics_path
     metrics = json.loads(Path(metrics_path).read_text())
-    mlflow.set_tracking_uri(tracking_uri(params))
-    mlflow.set_experiment(params["mlflow"]["experiment"])
+    mlflow.set_tracking_uri(tracking_uri(section))
+    mlflow.set_experiment(section.experiment)
     tags = {
         "git_commit": git_commit(),
-        "setting": setting,
-        "method": method or "fp",
-        "bits": bits or "FP32",
+        "setting": setting.name,
+        "method": setting.method,
+        "bits": setting.bits,
         "extractor": str(metrics.get("extractor", "unknown")),
         "quantization": "simulated (fake-quant on CPU/GPU; no integer kernels)",
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
     }
-    all_params = {**flatten({k: v for k, v in params.items() if k not in ("quant",)}),
-                  **flatten(run_params or {}, "quant.")}
-    with mlflow.start_run(run_name=setting) as run:
+    run_params = setting.config.to_dict() if setting.config is not None else {}
+    all_params = {**flatten({k: v for k, v in pipeline_params.items() if k != "quant"}),
+                  **flatten(run_params, "quant.")}
+    with mlflow.start_run(run_name=setting.name) as run:
         mlflow.set_tags(tags)
         # MLflow params are immutable strings of <= 6000 chars; json keeps lists readable.
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in all_params.items()})
@@ -122,5 +126,5 @@ def _log_run(params: dict[str, Any], setting: str, method: str | None, bits: str
             if (results / extra).is_file():
                 mlflow.log_artifact(str(results / extra))
         run_id = run.info.run_id
-    logger().info("mlflow run %s (%s) in %s", run_id, setting, tracking_uri(params))
+    logger().info("mlflow run %s (%s) in %s", run_id, setting.name, tracking_uri(section))
     return run_id

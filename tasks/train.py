@@ -5,21 +5,19 @@ Training costs ~20 min of CPU, so the trained checkpoints are committed (DVC out
 """
 from __future__ import annotations
 
-from typing import Any
-
 from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
 
 
 @pipeline_task
-def train_fp(params: dict[str, Any], section: str = "train_fp") -> str:
+def train_fp(cfg_section, data_path: str, section: str = "train_fp") -> str:
     """Train one FP DDPM (``train_fp``: unconditional, ``train_fp_class``: class-conditional)."""
     from tfmq.diffusion.data import load_dataset
     from tfmq.diffusion.training import TrainConfig, train_ddpm
 
-    cfg_d = dict(params[section])
+    cfg_d = cfg_section.model_dump()
     out_dir = cfg_d.pop("out_dir")
     cfg = TrainConfig(**cfg_d)
-    d = load_dataset(params["data"]["path"])
+    d = load_dataset(data_path)
     with timed(COMPUTE_TIMES, section):
         log = train_ddpm(d["train_images"], d["train_labels"], cfg, out_dir, device=device(), progress=show_progress())
     logger().info("%s: %d steps, final loss %s -> %s", section, cfg.steps, log.get("final_loss"), out_dir)

@@ -1,4 +1,4 @@
-"""params.yaml validation, the CLI's error path, dvc.yaml's deps, the results table and the deployments.
+"""params.yaml validation, the settings built from it, the results table and the deployments.
 
 Fast tests: no torch work, no Prefect server (the end-to-end flows are in test_pipeline_e2e.py).
 """
@@ -29,8 +29,10 @@ def _write(tmp_path: Path, d: dict) -> Path:
 
 def test_committed_params_validate():
     params = load_params(REPO / "params.yaml")
-    assert params["grid"]["methods"] == ["naive", "freeze", "ptq4dm", "qdiffusion", "tfmq"]
-    assert params["grid"]["bits"] == ["W8A8", "W4A8", "W4A32"]
+    assert params.grid.methods == ["naive", "freeze", "ptq4dm", "qdiffusion", "tfmq"]
+    assert params.grid.bits == ["W8A8", "W4A8", "W4A32"]
+    assert params.quant == PARAMS["quant"]  # the quant section exactly as written (QuantConfig is built from it)
+    assert params.train_fp.betas == (0.9, 0.999) and params.eval.inception_weights is None
 
 
 def test_every_library_hyperparameter_is_in_params_yaml():
@@ -90,8 +92,10 @@ def test_mistyped_value_is_named(tmp_path, path, value, expect):
     for k in path[:-1]:
         node = node[k]
     node[path[-1]] = value
-    with pytest.raises(ParamsError, match=expect.replace(".", r"\.")):
+    with pytest.raises(ParamsError, match=expect.replace(".", r"\.")) as e:
         load_params(_write(tmp_path, d))
+    msg = str(e.value)
+    assert "\n" not in msg and "expected" in msg and f"fix" in msg and str(tmp_path) in msg, msg
 
 
 def test_missing_key_is_named(tmp_path):
@@ -123,113 +127,6 @@ def test_cli_unknown_method_refused_before_any_flow_run():
     assert "'tfmqq'" in lines[0] and "naive" in lines[0] and "qdiffusion" in lines[0]
 
 
-# --- dvc.yaml -----------------------------------------------------------------------------------
-
-#: the task modules each stage runs (its code deps must cover their import closure)
-STAGE_ENTRIES = {
-    "prepare_data": ["tasks/data.py"],
-    "train_fp": ["tasks/train.py"],
-    "train_fp_class": ["tasks/train.py"],
-    "train_classifier": ["tasks/classifier.py"],
-    "reference_stats": ["tasks/reference.py"],
-    "calib_data": ["tasks/calibration.py"],
-    "quantize": ["tasks/quantize.py"],
-    "quantize_exp": ["tasks/quantize.py"],
-    "evaluate": ["tasks/evaluate.py", "tasks/tracking.py"],
-    "evaluate_fp": ["tasks/evaluate.py", "tasks/tracking.py"],
-    "evaluate_real": ["tasks/real.py", "tasks/tracking.py"],
-    "evaluate_exp": ["tasks/evaluate.py", "tasks/tracking.py"],
-    "report": ["tasks/report.py"],
-}
-#: wiring, deliberately not a dep (see the header of dvc.yaml)
-WIRING = ("tasks/common.py", "flows/")
-
-
-def _resolve(mod: str, names: tuple[str, ...]) -> list[Path]:
-    base = REPO.joinpath(*mod.split("."))
-    if base.with_suffix(".py").is_file():
-        return [base.with_suffix(".py")]
-    out = []
-    if (base / "__init__.py").is_file():
-        sub = [base / f"{n}.py" for n in names if (base / f"{n}.py").is_file()]
-        out.extend(sub)
-        if len(sub) < len(names):  # a name defined in the package itself
-            out.append(base / "__init__.py")
-    return out
-
-
-def import_closure(entries: list[str]) -> set[str]:
-    """Repo files a stage's task modules import, transitively (package __init__ only when imported from)."""
-    seen: set[str] = set()
-    todo = [REPO / e for e in entries]
-    while todo:
-        path = todo.pop()
-        rel = path.relative_to(REPO).as_posix()
-        if rel in seen:
-            continue
-        seen.add(rel)
-        pkg = path.relative_to(REPO).parts[:-1]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found = [(a.name, ()) for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                mod = ".".join([*pkg[: len(pkg) - node.level + 1], *([node.module] if node.module else [])]) \
-                    if node.level else node.module
-                found = [(mod, tuple(a.name for a in node.names))]
-            else:
-                continue
-            for mod, names in found:
-                if mod.split(".")[0] not in ("tfmq", "tasks", "flows"):
-                    continue
-                for f in _resolve(mod, names):
-                    r = f.relative_to(REPO).as_posix()
-                    if not r.startswith(WIRING):
-                        todo.append(f)
-    return seen
-
-
-def _dvc_stages() -> dict:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-
-
-def test_every_stage_has_entries():
-    assert set(_dvc_stages()) == set(STAGE_ENTRIES)
-
-
-@pytest.mark.parametrize("stage", sorted(STAGE_ENTRIES))
-def test_stage_code_deps_cover_imports(stage):
-    deps = [d for d in _dvc_stages()[stage]["deps"] if "${" not in d]
-    for d in deps:
-        assert (REPO / d).exists(), f"{stage}: dep {d} does not exist"
-
-    def covered(f: str) -> bool:
-        return any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
-
-    missing = sorted(f for f in import_closure(STAGE_ENTRIES[stage]) if not covered(f))
-    assert not missing, f"dvc.yaml stage {stage} runs {missing} but does not list them as deps"
-
-
-def test_stage_params_exist_in_params_yaml():
-    flat = set()
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            flat.add(prefix + k)
-            if isinstance(v, dict):
-                walk(v, prefix + k + ".")
-
-    walk(PARAMS)
-    for name, stage in _dvc_stages().items():
-        for key in stage.get("params", []):
-            assert key in flat, f"{name}: params key {key} not in params.yaml"
-
-
-def test_grid_matrix_reads_params():
-    stages = _dvc_stages()
-    for name in ("quantize", "evaluate"):
-        assert stages[name]["matrix"] == {"method": "${grid.methods}", "bits": "${grid.bits}"}
-
-
 # --- report + deployments -----------------------------------------------------------------------
 
 def _metrics(fid: float, extractor: str = "efficientnet-lite0-112") -> dict:
@@ -242,13 +139,13 @@ def _metrics(fid: float, extractor: str = "efficientnet-lite0-112") -> dict:
 def test_report_table(tmp_path):
     from tasks.report import build_table
 
-    params = copy.deepcopy(PARAMS)
-    params["eval"]["out_dir"] = str(tmp_path)
-    params["grid"].update(methods=["naive", "tfmq"], bits=["W4A8"])
+    from flows.params import Grid
+
+    grid = Grid(methods=["naive", "tfmq"], bits=["W4A8"])
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "fp.json").write_text(json.dumps(_metrics(10.0)))
     (tmp_path / "metrics" / "tfmq-W4A8.json").write_text(json.dumps(_metrics(12.5)))
-    text, rows = build_table(params)
+    text, rows = build_table(str(tmp_path), grid)
     lines = text.splitlines()
     header = next(ln for ln in lines if ln.startswith("| Method"))
     assert "FID (efficientnet-lite0-112)" in header and "sFID" in header and "KID" in header and "IS" in header
@@ -257,14 +154,14 @@ def test_report_table(tmp_path):
     assert "not run" in body[1] and "12.50" in body[2]
 
     (tmp_path / "metrics" / "real.json").write_text(json.dumps(_metrics(7.25)))  # the real-data floor row
-    body = [ln for ln in build_table(params)[0].splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
+    body = [ln for ln in build_table(str(tmp_path), grid)[0].splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
     assert [b.split("|")[1].strip() for b in body] == ["real images", "FP", "naive", "tfmq"]
     cells = [c.strip() for c in body[0].split("|")[1:-1]]
     assert cells[2].startswith("7.25 [6.2, 8.2]") and cells[6:] == ["-", "-"]  # no temporal error, no quant time
 
     (tmp_path / "metrics" / "naive-W4A8.json").write_text(json.dumps(_metrics(20.0, extractor="inception-v3-compat-sfid")))
     with pytest.raises(ValueError, match="cannot share a table"):
-        build_table(params)
+        build_table(str(tmp_path), grid)
 
 
 def test_serve_builds_cron_deployment(tmp_path):
@@ -284,7 +181,37 @@ def test_mlflow_store_is_absolute_and_survives_dvc_temp_dirs(monkeypatch, tmp_pa
     assert main_repo_root(exp_copy) == tmp_path / "repo"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(exp_copy)
-    params = copy.deepcopy(PARAMS)
-    assert tracking_uri(params) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    section = load_params(REPO / "params.yaml").mlflow
+    assert tracking_uri(section) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
-    assert tracking_uri(params) == "sqlite:////elsewhere/x.db"
+    assert tracking_uri(section) == "sqlite:////elsewhere/x.db"
+
+
+# --- the Setting: one object per row, built once from the validated params ----------------------
+
+def test_setting_carries_the_config_the_stages_used_to_build():
+    """Same QuantConfig as the quant section with method/bits replaced (the default run's numbers stay put)."""
+    from tfmq import QuantConfig
+    from tasks.setting import grid_settings, quantized_setting, unquantized_setting
+
+    params = load_params(REPO / "params.yaml")
+    s = quantized_setting(params, "qdiffusion", "W4A32")
+    assert s.config == QuantConfig.from_dict(dict(PARAMS["quant"], method="qdiffusion", weight_bits=4, act_bits=None))
+    assert (s.name, s.method, s.bits) == ("qdiffusion-W4A32", "qdiffusion", "W4A32")
+    assert (s.quant_dir, s.results_dir, s.metrics_path, s.checkpoint, s.fp_dir) == (
+        "quant/qdiffusion-W4A32", "results/qdiffusion-W4A32", "results/metrics/qdiffusion-W4A32.json",
+        "quant/qdiffusion-W4A32/model", "models/fashion_ddpm")
+    assert s.config.recon.iters == 100 and s.config.calib.every_k == 2
+    exp = quantized_setting(params, name="exp")  # the *_exp stages: the quant section as written
+    assert exp.config == QuantConfig.from_dict(PARAMS["quant"]) and exp.bits == "W4A8" and exp.quant_dir == "quant/exp"
+    assert quantized_setting(params, "tfmq", "w4a64").name == "tfmq-W4A32"  # one canonical name, tfmq's
+    grid = grid_settings(params)
+    assert [g.name for g in grid[:6]] == ["naive-W8A8", "freeze-W8A8", "ptq4dm-W8A8", "qdiffusion-W8A8",
+                                          "tfmq-W8A8", "naive-W4A8"] and len(grid) == 15
+    fp, real = unquantized_setting(params, "fp"), unquantized_setting(params, "real")
+    assert (fp.method, fp.bits, fp.config, fp.checkpoint) == ("fp", "W32A32", None, None)
+    assert (real.method, real.bits, real.metrics_path) == ("real", "data", "results/metrics/real.json")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.name = "other"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="--name='../x'"):
+        quantized_setting(params, name="../x")

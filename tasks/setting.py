@@ -1,0 +1,92 @@
+"""One row of the results table as ONE immutable object, built where a run starts (CLI or ``compare``).
+
+A :class:`Setting` holds everything that names and places a (model, method, bits) run: its
+``tfmq.QuantConfig`` (the ``quant`` section with method and bits replaced, built once), its
+checkpoint and results directories and its metrics path. The flows pass it to the tasks and the
+tasks pass ``setting.config`` to ``tfmq``; nothing downstream re-parses bits or re-builds the config.
+Bits are parsed by ``tfmq.parse_bits`` and named by ``QuantConfig.bits_name`` only.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from tfmq import QuantConfig, parse_bits
+
+if TYPE_CHECKING:  # tasks never import flows; the flows pass the validated params in
+    from flows.params import Params
+
+#: checkpoint directory (``tfmq.save``) written by each quantization stage under quant/<setting>/
+STAGE_FILES = {"recon_tib": "tib", "recon_blocks": "blocks", "calibrate_activations": "model"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A quantized setting (``config`` set), the FP model (``kind="fp"``) or the real-data row (``kind="real"``).
+
+    Paths are strings (Prefect serializes task parameters as JSON). ``method``/``bits`` are what the
+    metrics JSON, the MLflow tags and the table show: ``fp``/``W32A32`` and ``real``/``data`` for the two
+    unquantized rows.
+    """
+
+    name: str  # tfmq-W4A8, exp, fp, real: the file name under quant/, results/ and results/metrics/
+    kind: str  # "quantized" | "fp" | "real"
+    method: str
+    bits: str
+    fp_dir: str  # model.fp_dir: the FP diffusers folder every row starts from
+    quant_dir: str | None  # quant/<name> (quantized only)
+    results_dir: str  # results/<name>: plots/, temporal.csv
+    metrics_path: str  # results/metrics/<name>.json: the DVC metrics file
+    config: QuantConfig | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.config is not None
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The final quantized checkpoint (``tfmq.load``-able directory)."""
+        return None if self.quant_dir is None else str(Path(self.quant_dir) / STAGE_FILES["calibrate_activations"])
+
+
+class SettingError(ValueError):
+    """A setting name is not usable as a file name."""
+
+
+def _checked_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise SettingError(f"--name={name!r}: expected a file name (letters, digits, '.', '_', '-'), e.g. exp")
+    return name
+
+
+def quantized_setting(params: "Params", method: str | None = None, bits: str | None = None,
+                      name: str | None = None) -> Setting:
+    """The setting of ``method``/``bits`` (default: the ``quant`` section's own), named ``<method>-<bits>``."""
+    q = dict(params.quant)
+    if method is not None:
+        q["method"] = method
+    if bits is not None:
+        q["weight_bits"], q["act_bits"] = parse_bits(bits)
+    config = QuantConfig.from_dict(q)
+    name = _checked_name(name or f"{config.method}-{config.bits_name}")
+    return Setting(name=name, kind="quantized", method=config.method, bits=config.bits_name,
+                   fp_dir=params.model.fp_dir, quant_dir=str(Path(params.quant_out.dir) / name),
+                   results_dir=str(Path(params.eval.out_dir) / name),
+                   metrics_path=str(Path(params.eval.out_dir) / "metrics" / f"{name}.json"), config=config)
+
+
+def unquantized_setting(params: "Params", kind: str, name: str | None = None) -> Setting:
+    """``kind="fp"``: the FP model's row; ``kind="real"``: real images scored like samples (the floor)."""
+    method, bits = {"fp": ("fp", "W32A32"), "real": ("real", "data")}[kind]
+    name = _checked_name(name or kind)
+    return Setting(name=name, kind=kind, method=method, bits=bits, fp_dir=params.model.fp_dir, quant_dir=None,
+                   results_dir=str(Path(params.eval.out_dir) / name),
+                   metrics_path=str(Path(params.eval.out_dir) / "metrics" / f"{name}.json"))
+
+
+def grid_settings(params: "Params", methods: list[str] | None = None, bits: list[str] | None = None) -> list[Setting]:
+    """The method x bits grid (default: ``grid.*``), bits outer as in the results table."""
+    return [quantized_setting(params, m, b) for b in (bits or params.grid.bits) for m in (methods or params.grid.methods)]
