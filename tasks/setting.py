@@ -70,7 +70,10 @@ def quantized_setting(params: "Params", method: str | None = None, bits: str | N
         q["method"] = method
     if bits is not None:
         q["weight_bits"], q["act_bits"] = parse_bits(bits)
-    config = QuantConfig.from_dict(q)
+    try:
+        config = QuantConfig.from_dict(q)
+    except ValueError as e:  # the quant section itself is valid, so method or bits is to blame
+        raise SettingError(f"{e} (setting method={q['method']!r} bits={bits!r})") from None
     name = _checked_name(name or f"{config.method}-{config.bits_name}")
     return Setting(name=name, kind="quantized", method=config.method, bits=config.bits_name,
                    fp_dir=params.model.fp_dir, quant_dir=str(Path(params.quant_out.dir) / name),

@@ -1,0 +1,184 @@
+"""The ``tfmq`` CLI edge: every bad input is exit code 2 and ONE stderr line naming the key or file.
+
+In-process (``flows.cli.main``) for speed: every refusal here happens before any flow starts; one
+subprocess test checks the real process (exit code, stderr) and that loading a model prints nothing.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from pipeline_fixtures import REPO, subprocess_env
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _cfg(tmp_path: Path, **changes) -> str:
+    d = copy.deepcopy(PARAMS)
+    for key, value in changes.items():
+        section, name = key.split("__")
+        d[section][name] = value
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return str(p)
+
+
+def _fake_fp_dir(tmp_path: Path) -> str:
+    d = tmp_path / "fp"
+    (d / "unet").mkdir(parents=True)
+    (d / "scheduler").mkdir()
+    (d / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    return str(d)
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tfmq: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("bits", ["4bit", "W4", "W16A8"])
+def test_bad_bits(capsys, bits):
+    line = _refused(capsys, ["quantize", "--method", "tfmq", "--bits", bits])
+    assert bits in line and ("W4A8" in line or "2..8" in line)
+
+
+def test_unknown_method(capsys):
+    line = _refused(capsys, ["evaluate", "--method", "gptq", "--bits", "W4A8"])
+    assert "'gptq'" in line and "qdiffusion" in line
+
+
+def test_bad_name(capsys):
+    assert "--name='../x'" in _refused(capsys, ["quantize", "--name", "../x"])
+
+
+def test_missing_fp_dir(capsys, tmp_path):
+    cfg = _cfg(tmp_path, model__fp_dir=str(tmp_path / "nope"))
+    for argv in (["quantize", "--method", "tfmq", "--bits", "W4A8"], ["check"], ["calib-data"], ["evaluate", "--fp"]):
+        line = _refused(capsys, [*argv, "--config", cfg])
+        assert "model.fp_dir=" in line and str(tmp_path / "nope") in line, argv
+
+
+def test_missing_dataset(capsys, tmp_path):
+    cfg = _cfg(tmp_path, data__root=str(tmp_path / "no-idx"), data__path=str(tmp_path / "no.safetensors"),
+               model__fp_dir=_fake_fp_dir(tmp_path))
+    line = _refused(capsys, ["check", "--config", cfg])
+    assert "data.root=" in line and "train-images-idx3-ubyte" in line
+    line = _refused(capsys, ["train-classifier", "--config", cfg])
+    assert "data.path=" in line and "no.safetensors" in line and "prepare-data" in line
+
+
+def test_check_refuses_missing_inception_weights(capsys, tmp_path):
+    """Today's bug: this passed `check` and failed only after quantization."""
+    cfg = _cfg(tmp_path, eval__extractor="inception-v3-compat", eval__inception_weights=str(tmp_path / "pt.pth"))
+    line = _refused(capsys, ["check", "--config", cfg])
+    assert "eval.inception_weights=" in line and "pt.pth" in line
+    cfg = _cfg(tmp_path, eval__extractor="inception-v3-compat")  # null weights
+    assert "eval.inception_weights=None" in _refused(capsys, ["check", "--config", cfg])
+    cfg = _cfg(tmp_path, eval__extractor="resnet")
+    assert "eval.extractor='resnet'" in _refused(capsys, ["check", "--config", cfg])
+
+
+def test_check_success_prints_what_the_run_uses(capsys):
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "params.yaml: OK"
+    assert out[1] == "model.fp_dir: models/fashion_ddpm (UNet2DModel)"
+    assert out[3] == "extractor: efficientnet-lite0-112"
+    assert out[4].startswith("settings: 15 (naive-W8A8, freeze-W8A8,") and out[4].endswith("tfmq-W4A32)")
+
+
+# --- a truncated or foreign checkpoint ----------------------------------------------------------
+
+def _eval_workspace(tmp_path: Path) -> str:
+    """A params file whose evaluate inputs exist (fake FP dir, reference file, classifier dir)."""
+    refdir, clf = tmp_path / "ref", tmp_path / "clf"
+    refdir.mkdir()
+    (refdir / "test_efficientnet-lite0-112.safetensors").write_bytes(b"x")
+    clf.mkdir()
+    return _cfg(tmp_path, model__fp_dir=_fake_fp_dir(tmp_path), reference__dir=str(refdir),
+                classifier__path=str(clf), quant_out__dir=str(tmp_path / "quant"))
+
+
+def _checkpoint(tmp_path: Path, method: str = "tfmq", weight_bits: int = 4, act_bits: int = 8) -> Path:
+    """A real checkpoint (``tfmq.save`` of a prepared tiny UNet) at the tfmq-W4A8 setting's place."""
+    import tfmq
+    from conftest import make_tiny_unet
+
+    d = tmp_path / "quant" / "tfmq-W4A8" / "model"
+    unet = tfmq.prepare_model(make_tiny_unet(), tfmq.QuantConfig(method=method, weight_bits=weight_bits,
+                                                                   act_bits=act_bits))
+    tfmq.save(unet, d)
+    return d
+
+
+def _edit_header(d: Path, **changes) -> None:
+    header = json.loads((d / "quant_config.json").read_text())
+    (d / "quant_config.json").write_text(json.dumps({**header, **changes}))
+ARGV = ["evaluate", "--method", "tfmq", "--bits", "W4A8"]
+
+
+def test_truncated_checkpoint_header(capsys, tmp_path):
+    cfg = _eval_workspace(tmp_path)
+    d = _checkpoint(tmp_path)
+    (d / "quant_config.json").write_text((d / "quant_config.json").read_text()[:300])
+    line = _refused(capsys, [*ARGV, "--config", cfg])
+    assert str(d / "quant_config.json") in line and "tfmq quantize --method tfmq --bits W4A8" in line
+
+
+def test_truncated_checkpoint_weights(capsys, tmp_path):
+    cfg = _eval_workspace(tmp_path)
+    d = _checkpoint(tmp_path)
+    data = (d / "quantized.safetensors").read_bytes()
+    (d / "quantized.safetensors").write_bytes(data[: len(data) // 2])
+    line = _refused(capsys, [*ARGV, "--config", cfg])
+    assert str(d / "quantized.safetensors") in line and "not a complete safetensors file" in line
+
+
+def test_foreign_checkpoint(capsys, tmp_path):
+    cfg = _eval_workspace(tmp_path)
+    d = _checkpoint(tmp_path)
+    _edit_header(d, format="something-else")
+    line = _refused(capsys, [*ARGV, "--config", cfg])
+    assert str(d) in line and "something-else" in line
+
+
+def test_checkpoint_of_another_setting(capsys, tmp_path):
+    cfg = _eval_workspace(tmp_path)
+    d = _checkpoint(tmp_path, "naive", 8, 8)
+    expect = "checkpoint is naive-W8A8, expected tfmq-W4A8"
+    line = _refused(capsys, [*ARGV, "--config", cfg])
+    assert str(d) in line and expect in line
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    cfg = _eval_workspace(tmp_path)
+    line = _refused(capsys, [*ARGV, "--config", cfg])
+    assert str(tmp_path / "quant" / "tfmq-W4A8" / "model") in line
+
+
+# --- the real process ---------------------------------------------------------------------------
+
+def test_process_exit_code_and_quiet_model_load(tmp_path):
+    """The process exits 2 with one line; loading the FP model prints nothing (no 'install accelerate' warning)."""
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "quantize", "--bits", "4bit"], cwd=REPO,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["tfmq: error: bits='4bit': expected the form W<weight bits>A<activation "
+                                             "bits>, e.g. W4A8 or W4A32"]
+    code = "from tfmq.diffusion.models import load_fp_model; load_fp_model('models/fashion_ddpm')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and r.stderr == "", r.stderr
