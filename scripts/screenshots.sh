@@ -38,7 +38,6 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 async def main():
     async with get_client() as c:
         runs = await c.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["quantize-tfmq-W4A8"])))
-        runs = [r for r in runs if not r.parameters.get("name")]  # the grid's run, not quantize_exp's
         deps = await c.read_deployments()
         print(runs[-1].id if runs else "", next((d.id for d in deps if d.name == "nightly"), ""))
 asyncio.run(main())
@@ -53,8 +52,8 @@ import mlflow
 from tasks.tracking import tracking_uri
 from flows.params import load_params
 params = load_params("params.yaml")
-mlflow.set_tracking_uri(tracking_uri(params))
-print(mlflow.get_experiment_by_name(params["mlflow"]["experiment"]).experiment_id)
+mlflow.set_tracking_uri(tracking_uri(params.mlflow))
+print(mlflow.get_experiment_by_name(params.mlflow.experiment).experiment_id)
 EOF
 )
 shot "http://127.0.0.1:$MLPORT/#/experiments/$EXP/runs?compareRunsMode=TABLE" mlflow_runs.png
