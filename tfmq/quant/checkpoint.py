@@ -5,7 +5,10 @@ scales / zero points, activation ranges or per-timestep tables, the temporal fea
 ``dir/quant_config.json`` (method, bits, layer policy, FSC scope and timesteps, stages done,
 library versions, format version, the FP model's config and a fingerprint of its weights).
 ``load(dir, fp_unet)`` rebuilds the quantized model on a fresh FP model of the same kind and
-refuses a mismatch with a message saying what differs.
+refuses a mismatch with a message saying what differs. What each quantizer stores is its own
+business (``export_state`` / ``restore_state``); this module only names and files it: tensors
+under ``<module name>.<key>``, meta in the header's ``layers`` / ``act_quantizers`` /
+``feature_cache``. A file that cannot be read raises one ``CheckpointError`` line naming it.
 """
 from __future__ import annotations
 
@@ -16,19 +19,31 @@ from typing import Any
 
 import torch
 from torch import nn
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
-from .config import FORMAT_VERSION, QuantConfig
+from .config import FORMAT_VERSION, ConfigError, QuantConfig
 from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json
 from .prepare import act_quantizers, enable_inference, get_state, prepare_model, quant_layers, set_quant_state
-from .tib import TemporalFeatureCache, _attach_cache
+from .tib import CACHE_MODULE, TemporalFeatureCache, attach_feature_cache, feature_cache
 
 WEIGHTS_NAME = "quantized.safetensors"
 HEADER_NAME = "quant_config.json"
+FORMAT = "tfmq-quantized-unet"
+_WRITTEN_BY_SAVE = f"expected a directory written by tfmq.save (with {WEIGHTS_NAME} and {HEADER_NAME})"
+_HEADER_KEYS = {"config": dict, "layers": dict, "act_quantizers": dict, "stages_done": list, "unet_class": str,
+                "unet_config": dict, "fp_fingerprint": dict}
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not belong to the FP model it is being loaded onto."""
+class CheckpointError(ValueError):
+    """A quantized checkpoint that cannot be used: missing, truncated, foreign, damaged or mismatching."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A file of the checkpoint directory does not exist (also a ``FileNotFoundError``)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint does not belong to the FP model it is being loaded onto (or to this tfmq's format)."""
 
 
 def _versions() -> dict[str, str]:
@@ -56,43 +71,35 @@ def _unet_config(unet: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(dict(unet.config), default=str))
 
 
+def _export(unet: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], Any]:
+    """``(tensors, layer meta, activation quantizer meta, feature cache meta)`` of a prepared ``unet``."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(prefix: str, owned: dict[str, torch.Tensor]) -> None:
+        tensors.update({f"{prefix}.{k}": v for k, v in owned.items()})
+
+    layers, acts = {}, {}
+    for name, layer in quant_layers(unet):
+        owned, layers[name] = layer.export_state()
+        put(name, owned)
+    for name, q in act_quantizers(unet):
+        owned, acts[name] = q.export_state()
+        put(name, owned)
+    cache, cache_meta = feature_cache(unet), None
+    if cache is not None:
+        owned, cache_meta = cache.export_state()
+        put(CACHE_MODULE, owned)
+    return tensors, layers, acts, cache_meta
+
+
 def save(unet: nn.Module, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> Path:
     """Write the quantized state of ``unet`` to the directory ``path`` (atomically)."""
     state = get_state(unet)
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, Any] = {}
-    for name, layer in quant_layers(unet):
-        modes = []
-        for k, q in enumerate(layer.wq):
-            tensors[f"{name}.wq.{k}.scale"] = q.scale
-            tensors[f"{name}.wq.{k}.zero_point"] = q.zero_point
-            if q.mode == "int":
-                tensors[f"{name}.wq.{k}.w_int"] = q.w_int
-            elif q.mode == "adaround":
-                tensors[f"{name}.wq.{k}.alpha"] = q.alpha.detach()
-            modes.append({"mode": q.mode, "soft": q.soft})
-        layers[name] = {"weight": modes, "split": layer.split, "act": layer.aq is not None, "temporal": layer.temporal}
-    acts: dict[str, str] = {}
-    fsc_timesteps: list[int] | None = None
-    for name, q in act_quantizers(unet):
-        acts[name] = q.mode
-        if q.mode == "shared":
-            tensors[f"{name}.scale"] = q.scale.detach()
-            tensors[f"{name}.zero_point"] = q.zero_point
-        elif q.mode == "table":
-            tensors[f"{name}.table_timesteps"] = q.table_timesteps
-            tensors[f"{name}.table_scale"] = q.table_scale
-            tensors[f"{name}.table_zero_point"] = q.table_zero_point
-            fsc_timesteps = fsc_timesteps or [int(t) for t in q.table_timesteps.tolist()]
-    cache = getattr(unet, "tfmq_feature_cache", None)
-    cache_names = None
-    if isinstance(cache, TemporalFeatureCache):
-        cache_names = cache.names
-        for k, v in cache.state_dict().items():
-            tensors[f"tfmq_feature_cache.{k}"] = v
+    tensors, layers, acts, cache_meta = _export(unet)
+    fsc_timesteps = next((ts for _, q in act_quantizers(unet) if (ts := q.calibrated_timesteps())), None)
     cfg = state.config
     header = {
-        "format": "tfmq-quantized-unet",
+        "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "simulated_quantization": True,
         "method": cfg.method,
@@ -112,27 +119,63 @@ def save(unet: nn.Module, path: str | os.PathLike, extra_metadata: dict[str, Any
         "fp_fingerprint": fp_fingerprint(unet),
         "layers": layers,
         "act_quantizers": acts,
-        "feature_cache": cache_names,
+        "feature_cache": cache_meta,
         "extra": extra_metadata or {},
     }
     with atomic_dir(path) as tmp:
-        atomic_save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "tfmq-quantized-unet", "format_version": str(FORMAT_VERSION)})
+        atomic_save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         atomic_write_json(header, tmp / HEADER_NAME)
     return Path(path)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of the checkpoint directory ``path``, checked for format and version.
+
+    Raises:
+        CheckpointNotFoundError: no header file. CheckpointMismatchError: another format version.
+        CheckpointError: the header is not JSON, not a tfmq header, or lacks a field.
+    """
     p = Path(path) / HEADER_NAME
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no quantized checkpoint header here; expected a directory written by tfmq.save")
-    header = json.loads(p.read_text())
-    if header.get("format") != "tfmq-quantized-unet":
-        raise CheckpointMismatchError(f"{p}: format={header.get('format')!r}, expected 'tfmq-quantized-unet'")
+        raise CheckpointNotFoundError(f"{p}: no quantized checkpoint header here; {_WRITTEN_BY_SAVE}")
+    try:
+        header = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e}); the checkpoint header is damaged, re-save it") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise CheckpointError(f"{p}: format={found!r}, expected {FORMAT!r}; {_WRITTEN_BY_SAVE}")
     if header.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(
             f"{p}: format_version={header.get('format_version')!r}, this tfmq reads version {FORMAT_VERSION}; re-run the quantization"
         )
+    bad = [k for k, kind in _HEADER_KEYS.items() if not isinstance(header.get(k), kind)]
+    if bad:
+        raise CheckpointError(f"{p}: field(s) {', '.join(bad)} missing or of the wrong type; the header is damaged, re-save it")
     return header
+
+
+def _read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path/quantized.safetensors`` (CPU), after checking it is a tfmq checkpoint."""
+    p = Path(path) / WEIGHTS_NAME
+    if not p.is_file():
+        raise CheckpointNotFoundError(f"{p}: no quantized weights here; {_WRITTEN_BY_SAVE}")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"{p}: safetensors metadata format={meta.get('format')!r}, expected {FORMAT!r}; not a tfmq quantized "
+                    f"checkpoint (an FP model's weights?)"
+                )
+            if meta.get("format_version") != str(FORMAT_VERSION):
+                raise CheckpointMismatchError(
+                    f"{p}: format_version={meta.get('format_version')!r}, this tfmq reads version {FORMAT_VERSION}; "
+                    f"re-run the quantization"
+                )
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{p}: unreadable safetensors file ({e}); truncated or damaged, re-save the checkpoint") from None
 
 
 def _check_model(header: dict[str, Any], unet: nn.Module, path) -> None:
@@ -156,57 +199,54 @@ def _check_model(header: dict[str, Any], unet: nn.Module, path) -> None:
             )
 
 
+def _restore(what: str, file: Path, fn, *args) -> Any:
+    try:
+        return fn(*args)
+    except (ValueError, AttributeError) as e:  # AttributeError: a hooked module name the model lacks
+        raise CheckpointError(f"{file}: {what}: {e}; the checkpoint is damaged or from another model") from None
+
+
+def _owned(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    prefix = prefix + "."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def load(path: str | os.PathLike, fp_unet: nn.Module, device=None) -> nn.Module:
-    """Rebuild the quantized model saved at ``path`` on ``fp_unet`` (modified in place)."""
+    """Rebuild the quantized model saved at ``path`` on ``fp_unet`` (modified in place).
+
+    Raises:
+        CheckpointError: a file is missing (``CheckpointNotFoundError``), truncated, foreign or
+            damaged; ``CheckpointMismatchError``: it was made from another FP model or format version.
+            Everything is checked before ``fp_unet`` is touched, except a damaged quantizer entry.
+    """
     header = read_header(path)
+    hfile, wfile = Path(path) / HEADER_NAME, Path(path) / WEIGHTS_NAME
     _check_model(header, fp_unet, path)
-    tensors = load_file(str(Path(path) / WEIGHTS_NAME), device="cpu")
-    config = QuantConfig.from_dict(header["config"])
+    tensors = _read_tensors(path)
+    try:
+        config = QuantConfig.from_dict(header["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{hfile}: config: {e}") from None
     if device is not None:
         fp_unet.to(device)
     prepare_model(fp_unet, config, init=False)
     state = get_state(fp_unet)
-    layers = dict(quant_layers(fp_unet))
-    if set(layers) != set(header["layers"]):
-        missing = sorted(set(header["layers"]) ^ set(layers))
-        raise CheckpointMismatchError(f"{path}: quantized layer set differs from the model's (e.g. {missing[:3]})")
-    dev = next(fp_unet.parameters()).device
+    layers, acts = dict(quant_layers(fp_unet)), dict(act_quantizers(fp_unet))
+    for kind, mine, saved in (("quantized layer", layers, header["layers"]), ("activation quantizer", acts, header["act_quantizers"])):
+        if set(mine) != set(saved):
+            diff = sorted(set(mine) ^ set(saved))
+            raise CheckpointMismatchError(f"{path}: {kind} set differs from the model's (e.g. {diff[:3]})")
     for name, layer in layers.items():
-        info = header["layers"][name]
-        for k, q in enumerate(layer.wq):
-            q.scale.copy_(tensors[f"{name}.wq.{k}.scale"])
-            q.zero_point.copy_(tensors[f"{name}.wq.{k}.zero_point"])
-            mode = info["weight"][k]["mode"]
-            if mode == "int":
-                q.w_int = tensors[f"{name}.wq.{k}.w_int"].to(dev)
-                q.mode = "int"
-            elif mode == "adaround":
-                q.alpha = nn.Parameter(tensors[f"{name}.wq.{k}.alpha"].to(dev))
-                q.mode, q.soft = "adaround", info["weight"][k]["soft"]
-        layer.invalidate_cache()
-    acts = dict(act_quantizers(fp_unet))
-    for name, mode in header["act_quantizers"].items():
-        if name not in acts:
-            raise CheckpointMismatchError(f"{path}: activation quantizer {name} does not exist in the model")
-        q = acts[name]
-        if mode == "shared":
-            q.scale.data = tensors[f"{name}.scale"].to(dev)
-            q.zero_point.data = tensors[f"{name}.zero_point"].to(dev)
-        elif mode == "table":
-            q.table_timesteps = tensors[f"{name}.table_timesteps"].to(dev)
-            q.table_scale = tensors[f"{name}.table_scale"].to(dev)
-            q.table_zero_point = tensors[f"{name}.table_zero_point"].to(dev)
-            q._lookup = None
-        q.mode = mode
+        _restore(name, wfile, layer.restore_state, _owned(tensors, name), header["layers"][name])
+    for name, q in acts.items():
+        _restore(name, wfile, q.restore_state, _owned(tensors, name), header["act_quantizers"][name])
     if header.get("feature_cache"):
-        n = len(header["feature_cache"])
-        cache = TemporalFeatureCache(
-            tensors["tfmq_feature_cache.timesteps"].to(dev),
-            tensors["tfmq_feature_cache.classes"].to(dev) if tensors["tfmq_feature_cache.classes"].numel() else None,
-            [tensors[f"tfmq_feature_cache.feature_{i}"].to(dev) for i in range(n)],
-            header["feature_cache"],
-        )
-        _attach_cache(fp_unet, cache)
+        dev = next(fp_unet.parameters()).device
+        cache = _restore(CACHE_MODULE, wfile, TemporalFeatureCache.from_state, _owned(tensors, CACHE_MODULE), header["feature_cache"], dev)
+        _restore(CACHE_MODULE, wfile, attach_feature_cache, fp_unet, cache)
+    unused = sorted(set(tensors) - set(_export(fp_unet)[0]))
+    if unused:
+        raise CheckpointError(f"{wfile}: {len(unused)} tensor(s) the header does not describe (e.g. {unused[:3]}); damaged or foreign")
     state.stages_done = list(header["stages_done"])
     state.stats = header.get("stats", {})
     if "activations" in state.stages_done:

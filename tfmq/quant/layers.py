@@ -121,6 +121,41 @@ class QuantLayer(nn.Module):
     def finalized(self) -> bool:
         return all(q.mode == "int" for q in self.wq)
 
+    # --- checkpoint -------------------------------------------------------------------------
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The weight quantizers' state: tensors ``wq.<k>.<name>``, meta ``{weight, split, act, temporal}``.
+
+        The input activation quantizers (``aq.<k>``) are ActQuantizer modules of their own and
+        export themselves.
+        """
+        tensors, modes = {}, []
+        for k, q in enumerate(self.wq):
+            t, meta = q.export_state()
+            tensors.update({f"wq.{k}.{key}": v for key, v in t.items()})
+            modes.append(meta)
+        return tensors, {"weight": modes, "split": self.split, "act": self.aq is not None, "temporal": self.temporal}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Inverse of ``export_state`` on a layer wrapped the same way (``init=False``).
+
+        Raises:
+            ValueError: the layer was wrapped differently (split, activation quantizer, number of
+                weight quantizers) or a weight quantizer's state is bad.
+        """
+        for key, mine in (("split", self.split), ("act", self.aq is not None)):
+            if meta.get(key) != mine:
+                raise ValueError(f"{key}={meta.get(key)!r} in the checkpoint, but this layer has {key}={mine!r}")
+        weight = meta.get("weight")
+        if not isinstance(weight, list) or len(weight) != len(self.wq):
+            raise ValueError(f"{len(self.wq)} weight quantizer(s) expected, the checkpoint describes {weight!r}")
+        for k, (q, m) in enumerate(zip(self.wq, weight)):
+            prefix = f"wq.{k}."
+            try:
+                q.restore_state({key[len(prefix):]: v for key, v in tensors.items() if key.startswith(prefix)}, m)
+            except ValueError as e:
+                raise ValueError(f"wq.{k}: {e}") from None
+        self.invalidate_cache()
+
     # --- forward ----------------------------------------------------------------------------
     def quantized_weight(self) -> torch.Tensor:
         if self._w_cache is not None:

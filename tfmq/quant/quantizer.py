@@ -7,11 +7,23 @@ the numerics of a low-bit model are exact while no integer kernel is used.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 GAMMA, ZETA = -0.1, 1.1  # AdaRound's stretch of the rectified sigmoid
 MIN_SCALE = 1e-8
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensors[key]``, checked against the shape of ``like``; the error says which tensor is bad."""
+    if key not in tensors:
+        raise ValueError(f"tensor {key!r} is missing")
+    t = tensors[key]
+    if like is not None and tuple(t.shape) != tuple(like.shape):
+        raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
+    return t
 
 
 class UncalibratedTimestepError(KeyError):
@@ -144,6 +156,53 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return (self.integer_weight(weight) - self.zero_point) * self.scale
 
+    # --- checkpoint -------------------------------------------------------------------------
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What a checkpoint must store to rebuild this quantizer exactly (no copies are made).
+
+        Returns:
+            ``(tensors, meta)``: ``scale`` and ``zero_point`` always, plus ``w_int`` (uint8 grid,
+            mode ``int``) or ``alpha`` (mode ``adaround``); ``meta = {"mode", "soft"}`` (JSON).
+        """
+        tensors = {"scale": self.scale, "zero_point": self.zero_point}
+        if self.mode == "int":
+            tensors["w_int"] = self.w_int
+        elif self.mode == "adaround":
+            tensors["alpha"] = self.alpha.detach()
+        return tensors, {"mode": self.mode, "soft": self.soft}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Inverse of ``export_state`` onto a quantizer of the same weight (built with ``init=False``).
+
+        Raises:
+            ValueError: a tensor is missing or has the wrong shape or dtype, or the mode is unknown.
+        """
+        mode = meta.get("mode") if isinstance(meta, dict) else None
+        if mode not in ("nearest", "adaround", "int"):
+            raise ValueError(f"weight quantizer mode={mode!r}, expected 'nearest', 'adaround' or 'int'")
+        scale = _tensor(tensors, "scale", self.scale)
+        zero_point = _tensor(tensors, "zero_point", self.zero_point)
+        alpha = w_int = None
+        if mode == "int":
+            w_int = _tensor(tensors, "w_int")
+            if w_int.dtype != torch.uint8 or w_int.dim() != self.scale.dim() or w_int.shape[0] != self.scale.shape[0]:
+                raise ValueError(f"tensor 'w_int' is {w_int.dtype} {tuple(w_int.shape)}, expected a uint8 grid with "
+                                 f"{self.scale.shape[0]} output channels")
+            if int(w_int.max()) > 2**self.n_bits - 1:
+                raise ValueError(f"tensor 'w_int' holds {int(w_int.max())}, beyond the {self.n_bits}-bit grid")
+        elif mode == "adaround":
+            alpha = _tensor(tensors, "alpha")
+            if not alpha.is_floating_point() or alpha.dim() != self.scale.dim() or alpha.shape[0] != self.scale.shape[0]:
+                raise ValueError(f"tensor 'alpha' is {alpha.dtype} {tuple(alpha.shape)}, expected float with "
+                                 f"{self.scale.shape[0]} output channels")
+        dev = self.scale.device
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+        self.w_int = None if w_int is None else w_int.to(dev)
+        self.alpha = None if alpha is None else nn.Parameter(alpha.to(dev))
+        self.mode, self.soft = mode, bool(meta.get("soft", False)) and mode == "adaround"
+
 
 class TimestepContext:
     """The timestep(s) of the UNet call in progress, set by a pre-forward hook on the UNet."""
@@ -243,6 +302,48 @@ class ActQuantizer(nn.Module):
         self.table_zero_point = torch.tensor([self._pending[t][1] for t in ts], device=dev)
         self._pending, self._lookup = {}, None
         self.mode = "table"
+
+    # --- checkpoint -------------------------------------------------------------------------
+    def calibrated_timesteps(self) -> list[int] | None:
+        """The timesteps of the per-timestep table (mode ``table``), else ``None``."""
+        return [int(t) for t in self.table_timesteps.tolist()] if self.mode == "table" else None
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], str]:
+        """What a checkpoint must store to rebuild the calibrated ranges exactly (no copies are made).
+
+        Returns:
+            ``(tensors, meta)``: ``scale`` / ``zero_point`` (mode ``shared``), ``table_timesteps`` /
+            ``table_scale`` / ``table_zero_point`` (mode ``table``) or nothing (``uncalibrated``).
+            ``meta`` is the mode string (the layout of checkpoint format version 1); a mode that
+            needs more can return a dict, which ``restore_state`` then has to accept as well.
+        """
+        if self.mode == "shared":
+            return {"scale": self.scale.detach(), "zero_point": self.zero_point}, self.mode
+        if self.mode == "table":
+            return {"table_timesteps": self.table_timesteps, "table_scale": self.table_scale,
+                    "table_zero_point": self.table_zero_point}, self.mode
+        return {}, self.mode
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], meta: str) -> None:
+        """Inverse of ``export_state``.
+
+        Raises:
+            ValueError: a tensor is missing or malformed, or the mode is unknown.
+        """
+        dev = self.zero_point.device
+        if meta == "shared":
+            self.scale.data = _tensor(tensors, "scale", self.scale).to(dev)
+            self.zero_point.data = _tensor(tensors, "zero_point", self.zero_point).to(dev)
+        elif meta == "table":
+            ts = _tensor(tensors, "table_timesteps")
+            if ts.dtype != torch.int64 or ts.dim() != 1 or ts.numel() == 0:
+                raise ValueError(f"tensor 'table_timesteps' is {ts.dtype} {tuple(ts.shape)}, expected non-empty int64 [T]")
+            scale, zp = _tensor(tensors, "table_scale", ts), _tensor(tensors, "table_zero_point", ts)
+            self.table_timesteps, self.table_scale, self.table_zero_point = ts.to(dev), scale.to(dev), zp.to(dev)
+            self._lookup = None
+        elif meta != "uncalibrated":
+            raise ValueError(f"activation quantizer mode={meta!r}, expected 'uncalibrated', 'shared' or 'table'")
+        self.mode = meta
 
     # --- inference ------------------------------------------------------------------------
     def _table_index(self, t: int) -> int:

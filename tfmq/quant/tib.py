@@ -11,7 +11,11 @@ from torch import nn
 
 from ..diffusion.temporal import TemporalInformationBlock, temporal_resnets
 
-__all__ = ["TemporalInformationBlock", "TemporalFeatureCache", "install_feature_cache", "temporal_features", "temporal_resnets"]
+__all__ = [
+    "TemporalInformationBlock", "TemporalFeatureCache", "attach_feature_cache", "feature_cache", "install_feature_cache",
+    "temporal_features", "temporal_resnets",
+]
+CACHE_MODULE = "tfmq_feature_cache"  # the cache's name as a submodule of the UNet
 
 
 def temporal_features(
@@ -51,6 +55,33 @@ class TemporalFeatureCache(nn.Module):
         for i, f in enumerate(features):
             self.register_buffer(f"feature_{i}", f)
 
+    # --- checkpoint -------------------------------------------------------------------------
+    def export_state(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """``(tensors, meta)``: ``timesteps``, ``classes`` (empty: unconditional) and ``feature_<i>``
+        ``[T, K, C_i]``; meta is the list of hooked ``time_emb_proj`` module names (JSON)."""
+        return dict(self.state_dict()), list(self.names)
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: list[str], device=None) -> "TemporalFeatureCache":
+        """Inverse of ``export_state``.
+
+        Raises:
+            ValueError: a tensor is missing or its shape does not fit the others.
+        """
+        if not isinstance(meta, list) or not all(isinstance(n, str) for n in meta):
+            raise ValueError(f"feature cache names={meta!r}, expected a list of module names")
+        missing = [k for k in ["timesteps", "classes"] + [f"feature_{i}" for i in range(len(meta))] if k not in tensors]
+        if missing:
+            raise ValueError(f"tensor(s) {missing[:3]} missing")
+        ts, classes = tensors["timesteps"], tensors["classes"]
+        feats = [tensors[f"feature_{i}"] for i in range(len(meta))]
+        k = max(1, classes.numel())
+        for i, f in enumerate(feats):
+            if f.dim() != 3 or tuple(f.shape[:2]) != (ts.numel(), k):
+                raise ValueError(f"tensor 'feature_{i}' has shape {tuple(f.shape)}, expected [{ts.numel()}, {k}, C]")
+        to = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        return cls(to(ts), to(classes) if classes.numel() else None, [to(f) for f in feats], list(meta))
+
     def lookup(self, i: int, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         from .quantizer import UncalibratedTimestepError
 
@@ -70,14 +101,21 @@ class TemporalFeatureCache(nn.Module):
         return feats[ti, ci]
 
 
-def _attach_cache(unet: nn.Module, cache: TemporalFeatureCache) -> None:
+def feature_cache(unet: nn.Module) -> TemporalFeatureCache | None:
+    """The temporal feature cache attached to ``unet``, if any."""
+    cache = getattr(unet, CACHE_MODULE, None)
+    return cache if isinstance(cache, TemporalFeatureCache) else None
+
+
+def attach_feature_cache(unet: nn.Module, cache: TemporalFeatureCache) -> None:
+    """Serve ``cache`` from every hooked ``time_emb_proj`` of the prepared ``unet`` (replacing any earlier one)."""
     from .prepare import get_state
 
     state = get_state(unet)
     for h in state.cache_hooks:
         h.remove()
     state.cache_hooks = []
-    unet.add_module("tfmq_feature_cache", cache)
+    unet.add_module(CACHE_MODULE, cache)
     for i, name in enumerate(cache.names):
         module = unet.get_submodule(name)
 
@@ -104,5 +142,5 @@ def install_feature_cache(unet: nn.Module, timesteps: torch.Tensor, class_labels
         state.ctx.timesteps, state.ctx.class_labels = t_grid, c_grid
         feats = [f.reshape(len(ts), k, -1).clone() for f in tib.features(t_grid, c_grid)]
     names = [f"{n}.time_emb_proj" for n in tib.names]
-    _attach_cache(unet, TemporalFeatureCache(ts, classes, feats, names))
+    attach_feature_cache(unet, TemporalFeatureCache(ts, classes, feats, names))
     return {"timesteps": len(ts), "classes": k, "resnets": len(names)}
