@@ -73,9 +73,12 @@ def test_compare_flow_writes_every_output(compared):
             assert _finite(m[key]), (name, key, m[key])
         assert m["extractor"].startswith("efficientnet-lite0") and m["num_samples"] == 16
         assert (ws / "results" / name / "plots" / "samples.png").is_file()
+        assert m["fid"] >= 0 and m["kid_std"] >= 0 and m["is_mean"] >= 1.0  # IS >= 1 by definition
         if name not in ("fp", "real"):
-            assert 0.0 < m["temporal_cos_mean"] <= 1.0 + 1e-6
-            assert m["quant_time_total_s"] > 0
+            # quantization moves the temporal features, but not to noise: strictly below 1, well above 0
+            assert 0.5 < m["temporal_cos_mean"] < 1.0 - 1e-6, m["temporal_cos_mean"]
+            assert m["quant_time_total_s"] == pytest.approx(sum(m[f"quant_time_{s}_s"] for s in
+                                                                ("recon_tib", "recon_blocks", "calibrate_activations")), abs=2e-3)
             times = json.loads((ws / "quant" / name / "stage_times.json").read_text())
             assert set(times) == {"recon_tib", "recon_blocks", "calibrate_activations"}
             for ckpt in ("tib", "blocks", "model"):
@@ -85,6 +88,29 @@ def test_compare_flow_writes_every_output(compared):
     # real images are the floor: a few-step micro model is far from them on every distance
     assert real["fid"] < fp["fid"] and real["kid_mean"] < fp["kid_mean"], (real["fid"], fp["fid"])
     assert real["method"] == "real" and "temporal_cos_mean" not in real
+    for name in ("naive-W4A8", "tfmq-W4A8"):
+        assert json.loads((ws / "results" / "metrics" / f"{name}.json").read_text())["fid"] > real["fid"]
+
+
+def _row(table: str, method: str) -> list[str]:
+    line = next(ln for ln in table.splitlines() if ln.startswith(f"| {method} |"))
+    return [c.strip() for c in line.split("|")[1:-1]]
+
+
+def test_report_numbers_are_the_metrics_files(compared):
+    """Each table cell is its metrics JSON's number, formatted: a report that mixed rows up would fail here."""
+    ws, table_path = compared
+    table = (ws / table_path).read_text()
+    for label, name in (("real images", "real"), ("FP", "fp"), ("naive", "naive-W4A8"), ("tfmq", "tfmq-W4A8")):
+        m = json.loads((ws / "results" / "metrics" / f"{name}.json").read_text())
+        cells = _row(table, label)
+        assert cells[2] == f"{m['fid']:.2f} [{m['fid_ci_low']:.1f}, {m['fid_ci_high']:.1f}]", (label, cells)
+        assert cells[3] == f"{m['sfid']:.2f}"
+        assert cells[4] == f"{m['kid_mean'] * 1e3:.2f} ± {m['kid_std'] * 1e3:.2f}"
+        assert cells[5] == f"{m['is_mean']:.2f} ± {m['is_std']:.2f}"
+        if name not in ("fp", "real"):
+            assert cells[6] == f"{(1 - m['temporal_cos_mean']) * 1e4:.1f}" and float(cells[6]) > 0
+            assert cells[7] == f"{m['quant_time_total_s']:.0f}"
 
 
 def test_cli_without_prefect(compared):
@@ -124,17 +150,45 @@ def test_mlflow_run_per_setting(compared):
     assert set(by_name) == {"real", "fp", "naive-W4A8", "tfmq-W4A8"}
     assert by_name["real"].data.tags["method"] == "real" and "temporal_cos_mean" not in by_name["real"].data.metrics
     r = by_name["tfmq-W4A8"]
-    for key in ("fid", "sfid", "kid_mean", "is_mean", "temporal_cos_mean", "quant_time_total_s",
-                "quant_time_recon_tib_s"):
-        assert key in r.data.metrics, key
+    for name, run in by_name.items():  # every numeric value of the metrics JSON, as logged
+        m = json.loads((ws / "results" / "metrics" / f"{name}.json").read_text())
+        numeric = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        assert {"fid", "sfid", "kid_mean", "is_mean"} <= set(numeric)
+        for key, value in numeric.items():
+            assert run.data.metrics[key] == pytest.approx(value, rel=1e-9), (name, key)
+    assert r.data.metrics["temporal_cos_mean"] < 1.0
     assert r.data.tags["method"] == "tfmq" and r.data.tags["bits"] == "W4A8"
     assert r.data.tags["extractor"].startswith("efficientnet-lite0") and r.data.tags["git_commit"]
     assert r.data.params["quant.method"] == "tfmq" and r.data.params["quant.weight_bits"] == "4"
+    micro = yaml.safe_load((ws / "params.yaml").read_text())["quant"]  # the section, with the grid's method/bits
+    assert r.data.params["quant.recon.iters"] == str(micro["recon"]["iters"]) == "2"
+    assert r.data.params["quant.act_bits"] == "8" and r.data.params["quant.fsc_scope"] == micro["fsc_scope"]
     assert r.data.params["sampler.num_inference_steps"] == "4"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id, "plots")}
     assert "plots/samples.png" in artifacts
     history = mlflow.MlflowClient().get_metric_history(r.info.run_id, "per_t.temporal_cos")
     assert len(history) == 4  # one point per sampler timestep
+    import csv
+
+    with open(ws / "results" / "tfmq-W4A8" / "temporal.csv") as f:
+        curve = {int(float(row["timestep"])): float(row["temporal_cos"]) for row in csv.DictReader(f)}
+    assert {h.step: h.value for h in history} == pytest.approx(curve)
+
+
+def test_cli_run_one_setting(compared):
+    """``tfmq run``: quantize + evaluate one more setting (plain mode) next to the compared grid."""
+    ws, _ = compared
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-prefect", "--method", "naive", "--bits",
+                        "W8A8"], cwd=ws, env=subprocess_env(TFMQ_TORCH_THREADS="1"), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "results/metrics/naive-W8A8.json"
+    m = json.loads((ws / "results" / "metrics" / "naive-W8A8.json").read_text())
+    assert (m["setting"], m["method"], m["bits"]) == ("naive-W8A8", "naive", "W8A8")
+    assert 0.5 < m["temporal_cos_mean"] < 1.0 and m["fid"] >= 0
+    header = json.loads((ws / "quant" / "naive-W8A8" / "model" / "quant_config.json").read_text())
+    assert (header["method"], header["weight_bits"], header["act_bits"]) == ("naive", 8, 8)
+    assert header["config"]["recon"]["iters"] == 2  # the micro params' value reached the library
 
 
 def _dvc(ws: Path, env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -163,8 +217,12 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     _git(ws, "add", "-A")
     _git(ws, "commit", "-qm", "micro pipeline")
 
-    # train_fp_class is not upstream of the report; everything else runs for real.
-    _dvc(ws, env, "repro", "report")
+    # train_fp_class is not upstream of the report; everything else runs for real, through `tfmq repro`
+    # (the flow the nightly deployment runs), which runs `dvc repro` as a Prefect task.
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "repro", "report"], cwd=ws, env=env, capture_output=True,
+                       text=True, timeout=1800)
+    assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    assert "Running stage 'quantize@tfmq-W4A8'" in r.stdout + r.stderr
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
     assert {"prepare_data", "train_fp", "calib_data", "quantize@tfmq-W4A8", "evaluate@tfmq-W4A8", "evaluate_fp",
             "evaluate_real", "quantize_exp", "evaluate_exp", "report"} <= set(lock)
