@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .quant.config import ActReconConfig, CalibConfig, ConfigError, QuantConfig, ReconConfig, TiarConfig, parse_bits
 from .quant.recipes import RECIPES, Recipe, get_recipe, register_recipe
+from .quant.steps import STEP_KINDS, StepContext, register_step, step_names
 from .quant.quantizer import UncalibratedTimestepError
 from .quant.prepare import enable_inference, prepare_model, set_quant_state
 from .quant.tib import TemporalInformationBlock, temporal_features
@@ -20,6 +21,7 @@ METHODS = tuple(RECIPES)
 __all__ = [
     "ActReconConfig", "CalibConfig", "ConfigError", "QuantConfig", "ReconConfig", "TiarConfig", "parse_bits",
     "RECIPES", "Recipe", "get_recipe", "register_recipe", "METHODS", "UncalibratedTimestepError",
+    "STEP_KINDS", "StepContext", "register_step", "step_names",
     "enable_inference", "prepare_model", "set_quant_state", "TemporalInformationBlock", "temporal_features",
     "calibrate_activations", "quant_summary", "quantize", "reconstruct_blocks", "reconstruct_temporal",
     "CheckpointMismatchError", "load", "read_header", "save", "CalibrationSet", "capture_calibration_data",

@@ -1,7 +1,7 @@
 """The public verbs: prepare, the three reconstruction/calibration stages, and ``quantize``.
 
-Each stage reads the method's recipe (``tfmq.quant.recipes``) and does that recipe's step, or records
-that the recipe has none. The stages can run in separate processes: save the model with
+Each stage looks up the handler its method's recipe names for that step (``tfmq.quant.steps``;
+the ablation switches ``tiar``/``fsc`` substitute ``nearest``/``ema``) and calls it. The stages can run in separate processes: save the model with
 ``tfmq.save`` after a stage and ``tfmq.load`` it onto a fresh FP model before the next one.
 """
 from __future__ import annotations
@@ -12,16 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import QuantConfig
-from .fsc import calibrate_shared_ranges, finite_set_calibration, temporal_act_quantizers
-from .prepare import act_quantizers, enable_inference, get_state, is_quantized, prepare_model, set_quant_state
-from .reconstruction import (
-    finalize_all_nearest,
-    learn_activation_steps,
-    reconstruct_units,
-    round_temporal_to_nearest,
-    tiar,
-)
+from .builtin_steps import tiar_inputs, weight_calibration_rows  # noqa: F401  (re-exported)
+from .config import QuantConfig, cap_stage_iters
+from .prepare import enable_inference, get_state, is_quantized, prepare_model, resolve_config, set_quant_state
+from .steps import StepContext, get_step, resolve_step
 from .tib import TemporalInformationBlock, install_feature_cache
 
 STAGES = ("temporal", "blocks", "activations")
@@ -31,15 +25,35 @@ def _device(unet: nn.Module, device) -> torch.device:
     return torch.device(device) if device is not None else next(unet.parameters()).device
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(passed: QuantConfig, prepared: QuantConfig) -> list[tuple[str, Any, Any]]:
+    """``(field, passed value, prepared value)`` for every field (nested as ``recon.iters``) in which
+    ``passed``, resolved against its recipe as ``prepare_model`` does, differs from ``prepared``."""
+    a, b = _flat(resolve_config(passed).to_dict()), _flat(prepared.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def _begin(unet: nn.Module, stage: str, config: QuantConfig | None):
     state = get_state(unet)
     if config is not None:
-        for key in ("method", "weight_bits", "act_bits"):
-            if getattr(config, key) != getattr(state.config, key):
-                raise ValueError(
-                    f"stage {stage!r}: config.{key}={getattr(config, key)!r} but the model was prepared with "
-                    f"{getattr(state.config, key)!r}; load the matching checkpoint or prepare a fresh FP model"
-                )
+        diffs = config_differences(config, state.config)
+        if diffs:
+            listed = "; ".join(f"{k}: passed {v!r}, prepared with {w!r}" for k, v, w in diffs)
+            raise ValueError(
+                f"stage {stage!r}: the config passed differs from the one this model was prepared with "
+                f"(stored by prepare_model / the checkpoint) in {len(diffs)} field(s): {listed}. A stage always runs "
+                "on the prepared config: pass config=None (or that same config), or prepare a fresh FP model with "
+                "the new config (tfmq.prepare_model) / load the checkpoint that matches it"
+            )
     if stage in state.stages_done:
         raise ValueError(f"stage {stage!r} has already run on this model (done: {', '.join(state.stages_done)})")
     need = STAGES[: STAGES.index(stage)]
@@ -49,63 +63,26 @@ def _begin(unet: nn.Module, stage: str, config: QuantConfig | None):
     return state
 
 
-def _temporal_mode(state) -> str:
-    mode = state.recipe.temporal
-    if mode == "tiar" and not state.config.tiar:
-        return "nearest"
-    return mode
-
-
-def _activation_mode(state) -> str:
-    mode = state.recipe.activations
-    if mode == "fsc" and not state.config.fsc:
-        return "ema"
-    return mode
-
-
-def tiar_inputs(calib, every_k: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The finite set TIAR is fitted on: every (k-th) sampler timestep x every class seen, if any."""
-    ts, cs = [], []
-    for i, t in enumerate(calib.timesteps):
-        if i % every_k:
-            continue
-        labels = calib.load_step(i).get("class_labels")
-        if labels is None:
-            ts.append(int(t))
-        else:
-            for c in sorted(set(int(v) for v in labels.tolist())):
-                ts.append(int(t))
-                cs.append(c)
-    t = torch.tensor(ts, dtype=torch.int64)
-    return t, (torch.tensor(cs, dtype=torch.int64) if cs else None)
-
-
-def weight_calibration_rows(calib, config: QuantConfig, weight_set: str) -> dict[str, torch.Tensor]:
-    from ..diffusion import calibration as cd
-
-    c = config.calib
-    if weight_set == "ptq4dm":
-        n_total = c.ptq4dm_n_total or len(range(0, calib.num_steps, c.every_k)) * c.n_per_step
-        # config: fraction along the trajectory (0.75 = late steps, small t); the selector takes t / T
-        return cd.ptq4dm_timesteps(calib, n_total, mean_frac=1.0 - c.ptq4dm_mean_frac, std_frac=c.ptq4dm_std_frac, seed=config.seed)
-    return cd.every_kth_step(calib, c.every_k, c.n_per_step)
+def _context(unet: nn.Module, calib, state, stage: str, device, progress: bool) -> tuple[StepContext, dict[str, Any]]:
+    config, capped = cap_stage_iters(state.config, stage)
+    return StepContext(unet, calib, config, state.recipe, _device(unet, device), progress), capped
 
 
 def reconstruct_temporal(unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True) -> dict[str, Any]:
-    """Stage 1: TIAR (``tfmq``), round-to-nearest freeze (``freeze``/``naive``), or nothing (joint)."""
+    """Stage 1: the recipe's ``temporal`` step: TIAR (``tfmq``), round-to-nearest freeze
+    (``freeze``/``naive``), or nothing (``joint``: the temporal layers go with their blocks).
+
+    Args:
+        config: ``None`` (the config stored at ``prepare_model``) or that same config; any other is refused.
+    """
     state = _begin(unet, "temporal", config)
-    dev = _device(unet, device)
-    mode = _temporal_mode(state)
+    ctx, capped = _context(unet, calib, state, "temporal", device, progress)
+    mode = resolve_step("temporal", state.recipe, state.config)
     t0 = time.perf_counter()
-    if mode == "tiar":
-        k = state.config.calib.every_k if state.config.tiar_timesteps == "weight_set" else 1
-        t, c = tiar_inputs(calib, k)
-        stats = tiar(unet, t, c, state.config.tiar_recon, state.config.recon, dev, progress, seed=state.config.seed)
-    elif mode == "nearest":
-        stats = {"rounded_to_nearest": round_temporal_to_nearest(unet)}
-    else:
-        stats = {"note": "temporal layers are reconstructed jointly with their blocks by this method"}
+    stats = get_step("temporal", mode)(ctx)
     stats.update(mode=mode, seconds=time.perf_counter() - t0)
+    if capped:
+        stats["iters_capped"] = capped
     state.stages_done.append("temporal")
     state.stats["temporal"] = stats
     set_quant_state(unet, weight=True, act=False)
@@ -113,69 +90,39 @@ def reconstruct_temporal(unet: nn.Module, calib, config: QuantConfig | None = No
 
 
 def reconstruct_blocks(unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True) -> dict[str, Any]:
-    """Stage 2: BRECQ on every remaining unit (TIB layers stay as stage 1 left them)."""
+    """Stage 2: the recipe's ``block_recon`` step on every remaining unit (BRECQ, or round-to-nearest);
+    the TIB layers stay as stage 1 left them. ``config``: as for ``reconstruct_temporal``."""
     state = _begin(unet, "blocks", config)
-    dev = _device(unet, device)
+    ctx, capped = _context(unet, calib, state, "blocks", device, progress)
     t0 = time.perf_counter()
-    if state.recipe.block_recon:
-        data = weight_calibration_rows(calib, state.config, state.recipe.weight_set)
-        stats = reconstruct_units(unet, data, state.config.recon, dev, progress=progress, seed=state.config.seed)
-        stats["weight_set"] = state.recipe.weight_set
-        stats["timesteps_used"] = sorted(set(int(v) for v in data["timestep"].tolist()))
-    else:
-        stats = {"rounded_to_nearest": finalize_all_nearest(unet)}
+    stats = get_step("block_recon", resolve_step("block_recon", state.recipe, state.config))(ctx)
     stats["seconds"] = time.perf_counter() - t0
+    if capped:
+        stats["iters_capped"] = capped
     state.stages_done.append("blocks")
     state.stats["blocks"] = stats
     return stats
 
 
-def _steps(calib, n_per_step: int | None) -> list[tuple[int, dict[str, torch.Tensor]]]:
-    from ..diffusion import calibration as cd
-
-    out = []
-    for i, t in enumerate(calib.timesteps):
-        # select_steps keeps null/conditional pairs together when rows are subsampled (CFG)
-        rows = calib.load_step(i) if n_per_step is None else cd.select_steps(calib, [i], n_per_step)
-        out.append((int(t), rows))
-    return out
-
-
 def calibrate_activations(unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True) -> dict[str, Any]:
-    """Stage 3: activation ranges (FSC / shared EMA / min-max / Q-Diffusion learned steps)."""
-    from ..diffusion import calibration as cd
-
+    """Stage 3: the recipe's ``activations`` step (FSC / shared EMA / min-max / Q-Diffusion learned steps),
+    then the feature cache if configured. ``config``: as for ``reconstruct_temporal``."""
     state = _begin(unet, "activations", config)
     cfg = state.config
-    dev = _device(unet, device)
+    ctx, capped = _context(unet, calib, state, "activations", device, progress)
     t0 = time.perf_counter()
-    mode = _activation_mode(state)
-    c = cfg.calib
+    mode = resolve_step("activations", state.recipe, cfg)
     stats: dict[str, Any] = {"mode": mode}
     if cfg.act_bits is None:
         stats["note"] = "weight-only (A32): no activation quantizers"
     else:
-        everything = [q for _, q in act_quantizers(unet)]
-        if mode == "fsc":
-            steps = _steps(calib, c.fsc_n_per_step)
-            table_q = everything if cfg.fsc_scope == "all" else temporal_act_quantizers(unet)
-            stats["fsc"] = finite_set_calibration(unet, steps, table_q, c.fsc_batch_size, c.fsc_momentum, dev, cfg.seed, progress)
-            rest = [q for q in everything if q.mode == "uncalibrated"]
-            if rest:
-                rows = cd.all_steps(calib, c.fsc_n_per_step)
-                stats["shared"] = calibrate_shared_ranges(unet, rows, rest, c.fsc_batch_size, c.fsc_momentum, dev, cfg.seed, progress)
-            stats["fsc_scope"] = cfg.fsc_scope
-        else:
-            rows = cd.all_steps(calib, c.fsc_n_per_step)
-            momentum = None if mode == "minmax" else c.fsc_momentum
-            stats["shared"] = calibrate_shared_ranges(unet, rows, everything, c.fsc_batch_size, momentum, dev, cfg.seed, progress)
-            if mode == "learned":
-                data = weight_calibration_rows(calib, cfg, state.recipe.weight_set)
-                stats["learned"] = learn_activation_steps(unet, data, cfg.act_recon, dev, progress=progress, seed=cfg.seed)
+        stats.update(get_step("activations", mode)(ctx))
     if cfg.cached_temporal_features:
         t, cl = tiar_inputs(calib)
         stats["cached_temporal_features"] = install_feature_cache(unet, t, cl)
     stats["seconds"] = time.perf_counter() - t0
+    if capped and cfg.act_bits is not None:
+        stats["iters_capped"] = capped
     state.stages_done.append("activations")
     state.stats["activations"] = stats
     enable_inference(unet)
@@ -188,7 +135,8 @@ def quantize(unet: nn.Module, calib, config: QuantConfig, device=None, progress:
     Args:
         unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (FP).
         calib: a ``tfmq.CalibrationSet`` recorded along the sampler's trajectories.
-        config: ``tfmq.QuantConfig``.
+        config: ``tfmq.QuantConfig``. If ``unet`` is already prepared (e.g. loaded from a checkpoint
+            after some stages), the remaining stages run and ``config`` must equal the stored one.
 
     Example:
         >>> calib = tfmq.capture_calibration_data(unet, scheduler, "calib/", num_samples=64, num_inference_steps=50)
@@ -202,13 +150,13 @@ def quantize(unet: nn.Module, calib, config: QuantConfig, device=None, progress:
     state = get_state(unet)
     for stage, fn in (("temporal", reconstruct_temporal), ("blocks", reconstruct_blocks), ("activations", calibrate_activations)):
         if stage not in state.stages_done:
-            fn(unet, calib, None, dev, progress)
+            fn(unet, calib, config, dev, progress)  # an already-prepared model must match config
     return unet
 
 
 def quant_summary(unet: nn.Module) -> dict[str, Any]:
     """Counts of quantized layers / activation quantizers and the TIB size, for logs and reports."""
-    from .prepare import quant_layers
+    from .prepare import act_quantizers, quant_layers
 
     state = get_state(unet)
     layers = list(quant_layers(unet))

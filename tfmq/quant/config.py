@@ -8,6 +8,8 @@ unknown keys so that a typo in a params file fails loudly.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 FORMAT_VERSION = 1
 POLICIES = ("tfmq", "all")
 FSC_SCOPES = ("tib", "all")
+MAX_ITERS_ENV = "TFMQ_MAX_ITERS"
+logger = logging.getLogger("tfmq")
 
 
 class ConfigError(ValueError):
@@ -80,7 +84,7 @@ class CalibConfig:
     """Which calibration rows each step uses (docs/method.md sections 5 and 7)."""
 
     every_k: int = 10  # weight/TIAR/BRECQ set: every k-th sampler step ...
-    n_per_step: int = 256  # ... with this many rows each (paper: 256 -> 5 120 rows)
+    n_per_step: int | None = None  # ... with this many rows each (None: every recorded row; paper: 256 -> 5 120 rows)
     fsc_n_per_step: int | None = None  # FSC rows per step (None: all recorded rows)
     fsc_batch_size: int = 16
     fsc_momentum: float = 0.95
@@ -90,7 +94,8 @@ class CalibConfig:
 
     def validate(self, where: str) -> None:
         _positive_int(self.every_k, f"{where}.every_k")
-        _positive_int(self.n_per_step, f"{where}.n_per_step")
+        if self.n_per_step is not None:
+            _positive_int(self.n_per_step, f"{where}.n_per_step")
         if self.fsc_n_per_step is not None:
             _positive_int(self.fsc_n_per_step, f"{where}.fsc_n_per_step")
         _positive_int(self.fsc_batch_size, f"{where}.fsc_batch_size")
@@ -129,6 +134,18 @@ class QuantConfig:
         cached_temporal_features: replace the TIB at inference by a table of FP temporal features
             per calibrated timestep (the TPAMI extension's cache-based maintenance).
         seed: seed for every random choice of the run.
+        recon, tiar_recon, act_recon: iteration counts, batch sizes and learning rates of BRECQ, TIAR
+            and Q-Diffusion's step-size learning (paper: 20 000 / 20 000 / 5 000 iterations).
+        calib: calibration rows per step. ``calib.n_per_step`` (rows per selected step of the weight
+            set) defaults to ``None`` = every row the calibration set recorded; the paper used 256.
+            A value above the recorded rows per step is an error naming ``QuantConfig(calib={"n_per_step": ...})``.
+
+    Environment:
+        ``TFMQ_MAX_ITERS``: a non-negative integer capping ``recon.iters``, ``tiar_recon.iters`` and
+        ``act_recon.iters`` at run time (for smoke tests of documentation examples; results are then
+        not the configured method's). A stage that is capped logs one warning line on the ``tfmq``
+        logger and records ``iters_capped`` in its stats; the config stored on the model keeps the
+        configured counts. Unset (or empty): no effect.
     """
 
     method: str = "tfmq"
@@ -188,6 +205,39 @@ class QuantConfig:
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
         """Build from a plain dict (e.g. a params.yaml section); unknown keys are an error."""
         return _build(cls, dict(d), "quant")
+
+
+STAGE_ITERS = {"temporal": "tiar_recon", "blocks": "recon", "activations": "act_recon"}
+
+
+def max_iters_from_env() -> int | None:
+    """``TFMQ_MAX_ITERS`` as an int (``None`` when unset or empty); anything else is a ConfigError."""
+    raw = os.environ.get(MAX_ITERS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{MAX_ITERS_ENV}={raw!r}: expected a non-negative integer (a cap on every iteration count), or unset it")
+    return value
+
+
+def cap_stage_iters(config: QuantConfig, stage: str) -> tuple[QuantConfig, dict[str, Any]]:
+    """Apply ``TFMQ_MAX_ITERS`` to the iteration count of ``stage``; returns (config to run, what was capped).
+
+    Unset, or a cap at or above the configured count, returns ``config`` itself and ``{}``.
+    """
+    cap = max_iters_from_env()
+    name = STAGE_ITERS[stage]
+    sub = getattr(config, name)
+    if cap is None or sub.iters <= cap:
+        return config, {}
+    capped = {f"{name}.iters": {"configured": sub.iters, "ran": cap, "by": MAX_ITERS_ENV}}
+    logger.warning("%s=%d caps %s.iters %d -> %d in stage %r (smoke-test mode: not the configured method's result)",
+                   MAX_ITERS_ENV, cap, name, sub.iters, cap, stage)
+    return dataclasses.replace(config, **{name: dataclasses.replace(sub, iters=cap)}), capped
 
 
 def parse_bits(name: str) -> tuple[int, int | None]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -17,7 +17,9 @@ from diffusers.models.attention_processor import Attention
 from .config import QuantConfig
 from .layers import QuantAttnProcessor, QuantLayer, layer_policy, set_module
 from .quantizer import ActQuantizer, TimestepContext
-from .recipes import Recipe, get_recipe
+
+if TYPE_CHECKING:
+    from .recipes import Recipe
 
 
 @dataclass
@@ -138,6 +140,20 @@ def _shortcut_splits(unet: nn.Module) -> dict[str, int]:
     return {k: v for k, v in splits.items() if v > 0}
 
 
+def resolve_config(config: QuantConfig) -> QuantConfig:
+    """``config`` with ``policy``, ``attention_matmul`` and ``split_shortcut`` taken from the method's
+    recipe where they are ``None``: the config ``prepare_model`` stores on the model."""
+    from .recipes import get_recipe  # recipes -> built-in steps -> engine modules -> this module
+
+    recipe = get_recipe(config.method)
+    return dataclasses.replace(
+        config,
+        policy=config.policy or recipe.policy,
+        attention_matmul=recipe.attention_matmul if config.attention_matmul is None else config.attention_matmul,
+        split_shortcut=recipe.split_shortcut if config.split_shortcut is None else config.split_shortcut,
+    )
+
+
 def prepare_model(unet: nn.Module, config: QuantConfig, init: bool = True) -> nn.Module:
     """Wrap ``unet`` in place for ``config``: quantized layers, attention matmul quantizers, hook.
 
@@ -146,10 +162,11 @@ def prepare_model(unet: nn.Module, config: QuantConfig, init: bool = True) -> nn
     """
     if is_quantized(unet):
         raise ValueError("this UNet is already prepared for quantization; start from a fresh FP model")
+    from .recipes import get_recipe
+
     recipe = get_recipe(config.method)
-    policy = config.policy or recipe.policy
-    attention_matmul = recipe.attention_matmul if config.attention_matmul is None else config.attention_matmul
-    split_shortcut = recipe.split_shortcut if config.split_shortcut is None else config.split_shortcut
+    resolved = resolve_config(config)
+    policy, attention_matmul, split_shortcut = resolved.policy, resolved.attention_matmul, resolved.split_shortcut
     ctx = TimestepContext()
     splits = _shortcut_splits(unet) if split_shortcut else {}
     targets = [(n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -165,7 +182,6 @@ def prepare_model(unet: nn.Module, config: QuantConfig, init: bool = True) -> nn
         for name, m in list(unet.named_modules()):
             if isinstance(m, Attention):
                 m.set_processor(QuantAttnProcessor(config.act_bits, ctx))
-    resolved = dataclasses.replace(config, policy=policy, attention_matmul=attention_matmul, split_shortcut=split_shortcut)
     state = QuantState(config=resolved, recipe=recipe, ctx=ctx)
     state.hook = unet.register_forward_pre_hook(_timestep_hook(ctx), with_kwargs=True)
     object.__setattr__(unet, "_tfmq", state)  # plain attribute: not a submodule, not in state_dict

@@ -1,11 +1,17 @@
 """Methods as data: each method is a recipe of named steps, looked up by name (docs/method.md section 8).
 
-The engine never branches on a method's name; it reads the recipe's fields. A new method is a
-new ``Recipe`` registered here (or by a user with ``register_recipe``), not an edit of the core.
+The engine never branches on a method's name: each step field of a ``Recipe`` names a handler
+registered in ``tfmq.quant.steps`` (built-ins: ``tfmq.quant.builtin_steps``), checked when the recipe
+is registered. A new method is a new ``Recipe`` (``register_recipe``), a new step a new handler
+(``register_step``), neither an edit of the core.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from . import builtin_steps  # noqa: F401  (registers the built-in step handlers)
+from .config import POLICIES
+from .steps import validate_steps
 
 
 @dataclass(frozen=True)
@@ -20,9 +26,12 @@ class Recipe:
             frozen: the poster's "Freeze"), or ``joint`` (temporal layers reconstructed with their
             blocks, time-embedding Linears layer by layer: BRECQ / Q-Diffusion).
         weight_set: calibration rows for weight reconstruction: ``every_k`` or ``ptq4dm``.
-        block_recon: run BRECQ on the remaining blocks (False: round-to-nearest everywhere).
+        block_recon: ``brecq`` (BRECQ on the remaining blocks) or ``nearest`` (round-to-nearest
+            everywhere); ``True``/``False`` are accepted for these two.
         activations: ``minmax`` (one min-max range), ``ema`` (one EMA min-max range), ``fsc``
             (per-timestep EMA ranges), ``learned`` (EMA init + Q-Diffusion step-size learning).
+
+    Each step field may also name a handler added with ``tfmq.register_step(kind, name, fn)``.
     """
 
     name: str
@@ -31,15 +40,38 @@ class Recipe:
     split_shortcut: bool
     temporal: str
     weight_set: str
-    block_recon: bool
+    block_recon: str
     activations: str
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_recon, bool):  # the two built-in choices, by their old boolean spelling
+            object.__setattr__(self, "block_recon", "brecq" if self.block_recon else "nearest")
 
 
 RECIPES: dict[str, Recipe] = {}
 
 
-def register_recipe(recipe: Recipe) -> Recipe:
+def register_recipe(recipe: Recipe, *, replace: bool = False) -> Recipe:
+    """Add ``recipe`` under ``recipe.name`` after checking every field (ValueError naming the bad one).
+
+    Args:
+        recipe: the method; each step field must name a registered step handler.
+        replace: allow replacing a registered recipe of that name (refused by default, so that a
+            user recipe never silently redefines a built-in method).
+    """
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"register_recipe expects a tfmq.Recipe, got {type(recipe).__name__}")
+    if not isinstance(recipe.name, str) or not recipe.name:
+        raise ValueError(f"Recipe name {recipe.name!r}: expected a non-empty string")
+    if recipe.name in RECIPES and not replace:
+        raise ValueError(f"recipe {recipe.name!r} is already registered; pass replace=True to replace it")
+    if recipe.policy not in POLICIES:
+        raise ValueError(f"Recipe {recipe.name!r}: policy={recipe.policy!r}; expected one of {', '.join(POLICIES)}")
+    for flag in ("attention_matmul", "split_shortcut"):
+        if not isinstance(getattr(recipe, flag), bool):
+            raise ValueError(f"Recipe {recipe.name!r}: {flag}={getattr(recipe, flag)!r}; expected True or False")
+    validate_steps(recipe)
     RECIPES[recipe.name] = recipe
     return recipe
 
@@ -53,31 +85,31 @@ def get_recipe(name: str) -> Recipe:
 
 register_recipe(Recipe(
     "naive", policy="all", attention_matmul=False, split_shortcut=False, temporal="nearest",
-    weight_set="every_k", block_recon=False, activations="minmax",
+    weight_set="every_k", block_recon="nearest", activations="minmax",
     description="RTN: MSE-initialised weights rounded to nearest, one min-max activation range",
 ))
 register_recipe(Recipe(
     "brecq", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="joint",
-    weight_set="every_k", block_recon=True, activations="ema",
+    weight_set="every_k", block_recon="brecq", activations="ema",
     description="BRECQ with the temporal layers optimised inside their blocks (the ablation baseline of the paper)",
 ))
 register_recipe(Recipe(
     "freeze", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="nearest",
-    weight_set="every_k", block_recon=True, activations="ema",
+    weight_set="every_k", block_recon="brecq", activations="ema",
     description="BRECQ with the temporal layers frozen and rounded to nearest (the poster's 'Freeze')",
 ))
 register_recipe(Recipe(
     "ptq4dm", policy="all", attention_matmul=False, split_shortcut=False, temporal="joint",
-    weight_set="ptq4dm", block_recon=True, activations="ema",
+    weight_set="ptq4dm", block_recon="brecq", activations="ema",
     description="PTQ4DM: normally distributed calibration timesteps skewed to small t, then BRECQ",
 ))
 register_recipe(Recipe(
     "qdiffusion", policy="all", attention_matmul=True, split_shortcut=True, temporal="joint",
-    weight_set="every_k", block_recon=True, activations="learned",
+    weight_set="every_k", block_recon="brecq", activations="learned",
     description="Q-Diffusion: time-step-aware calibration, BRECQ, shortcut splitting, learned activation steps",
 ))
 register_recipe(Recipe(
     "tfmq", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="tiar",
-    weight_set="every_k", block_recon=True, activations="fsc",
+    weight_set="every_k", block_recon="brecq", activations="fsc",
     description="TFMQ-DM: TIAR on the temporal information block, BRECQ with it frozen, finite set calibration",
 ))

@@ -1,5 +1,5 @@
-"""Reconstruction engine: TIAR (docs/method.md section 4), BRECQ blocks (section 6), layer units, and
-Q-Diffusion's activation step-size learning (section 8).
+"""Reconstruction engine: BRECQ blocks (docs/method.md section 6), layer units, and Q-Diffusion's
+activation step-size learning (section 8); TIAR (section 4) is ``tfmq.quant.tiar``.
 
 Every unit is reconstructed from cached tensors: its FP output (target) and its input taken
 from the already weight-quantized model in front of it (so a resnet receives h^q(t)). Caching
@@ -19,11 +19,10 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
-from .config import ActReconConfig, ReconConfig, TiarConfig
+from .config import ActReconConfig, ReconConfig
 from .layers import QuantLayer
 from .prepare import example_inputs, quant_layers, set_quant_state
 from .quantizer import ActQuantizer, beta_schedule
-from .tib import TemporalInformationBlock
 
 Batch = dict[str, torch.Tensor]
 
@@ -238,65 +237,6 @@ def _regularizer(layers: list[QuantLayer], cfg: ReconConfig, iters: int) -> Call
         return cfg.round_weight * sum(l.round_regularizer(beta) for l in layers)
 
     return reg
-
-
-# --------------------------------------------------------------------------------------------
-# TIAR
-def tiar(
-    unet: nn.Module,
-    timesteps: torch.Tensor,
-    class_labels: torch.Tensor | None,
-    cfg: TiarConfig,
-    reg_cfg: ReconConfig,
-    device,
-    progress: bool = True,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Temporal Information Aware Reconstruction: AdaRound on the TIB against FP temporal features.
-
-    ``L = sum_i ||g_i(h(t)) - g^q_i(h^q(t))||^2`` (sum over channels, mean over the batch) plus the
-    rounding regulariser over the TIB's quantized Linears. Weight-only. Afterwards every TIB layer
-    is hard-rounded and frozen.
-    """
-    tib = TemporalInformationBlock(unet)
-    names = set(tib.layer_names())
-    layers = [l for n, l in quant_layers(unet) if n in names]
-    t = timesteps.to(device)
-    c = None if class_labels is None else class_labels.to(device)
-    set_quant_state(unet, weight=False, act=False)
-    with torch.no_grad():
-        targets = [f.detach() for f in tib.features(t, c)]
-    set_quant_state(unet, weight=True, act=False)
-    for l in layers:
-        l.init_adaround()
-    params = [p for l in layers for p in l.adaround_parameters()]
-
-    def step_fn(idx):
-        feats = tib.features(t[idx], None if c is None else c[idx])
-        return sum(lp_loss(f, tgt[idx]) for f, tgt in zip(feats, targets))
-
-    t0 = time.perf_counter()
-    stats = _optimize(
-        step_fn, len(t), params, cfg.iters, cfg.batch_size, cfg.lr, _regularizer(layers, reg_cfg, cfg.iters),
-        "TIAR", progress, seed=seed,
-    )
-    for l in layers:
-        l.finalize()
-    with torch.no_grad():
-        final = float(sum(lp_loss(f, tgt) for f, tgt in zip(tib.features(t, c), targets)))
-    stats.update(loss_final=final, rows=len(t), layers=len(layers), seconds=time.perf_counter() - t0)
-    return stats
-
-
-def round_temporal_to_nearest(unet: nn.Module) -> int:
-    """Freeze the TIB's quantized layers at round-to-nearest (the poster's 'Freeze' / naive)."""
-    names = set(TemporalInformationBlock(unet).layer_names())
-    n = 0
-    for name, l in quant_layers(unet):
-        if name in names:
-            l.finalize()
-            n += 1
-    return n
 
 
 # --------------------------------------------------------------------------------------------
