@@ -162,3 +162,20 @@ def test_activation_table_entry_damaged(ckpt):
     header["act_quantizers"][name] = "per_channel"
     (ckpt / HEADER).write_text(json.dumps(header))
     _refused(ckpt, match=rf"{name.replace('.', chr(92) + '.')}: activation quantizer mode='per_channel'")
+
+
+def test_layer_entry_damaged(ckpt):
+    header = json.loads((ckpt / HEADER).read_text())
+    header["layers"]["mid_block.resnets.0.conv1"] = "int"
+    (ckpt / HEADER).write_text(json.dumps(header))
+    _refused(ckpt, match=r"quantized\.safetensors: mid_block\.resnets\.0\.conv1: layer entry 'int', expected a dict")
+
+
+def test_feature_cache_naming_a_module_the_model_lacks(tmp_path):
+    path = tmp_path / "cached"
+    tfmq.save(quantized("uncond", "tfmq", cached_temporal_features=True), path)
+    header = json.loads((path / HEADER).read_text())
+    assert len(header["feature_cache"]) > 1
+    header["feature_cache"][1] = "down_blocks.7.resnets.0.time_emb_proj"
+    (path / HEADER).write_text(json.dumps(header))
+    _refused(path, match=r"tfmq_feature_cache: module\(s\) \['down_blocks\.7\.resnets\.0\.time_emb_proj'\] .* not in this model")

@@ -202,7 +202,7 @@ def _check_model(header: dict[str, Any], unet: nn.Module, path) -> None:
 def _restore(what: str, file: Path, fn, *args) -> Any:
     try:
         return fn(*args)
-    except (ValueError, AttributeError) as e:  # AttributeError: a hooked module name the model lacks
+    except ValueError as e:  # what every restore_state / from_state raises for a bad entry
         raise CheckpointError(f"{file}: {what}: {e}; the checkpoint is damaged or from another model") from None
 
 
@@ -217,7 +217,8 @@ def load(path: str | os.PathLike, fp_unet: nn.Module, device=None) -> nn.Module:
     Raises:
         CheckpointError: a file is missing (``CheckpointNotFoundError``), truncated, foreign or
             damaged; ``CheckpointMismatchError``: it was made from another FP model or format version.
-            Everything is checked before ``fp_unet`` is touched, except a damaged quantizer entry.
+            The files, the header and the FP model are checked before ``fp_unet`` is touched; a
+            damaged quantizer entry shows after it has been prepared (start again from a fresh one).
     """
     header = read_header(path)
     hfile, wfile = Path(path) / HEADER_NAME, Path(path) / WEIGHTS_NAME

@@ -142,6 +142,8 @@ class QuantLayer(nn.Module):
             ValueError: the layer was wrapped differently (split, activation quantizer, number of
                 weight quantizers) or a weight quantizer's state is bad.
         """
+        if not isinstance(meta, dict):
+            raise ValueError(f"layer entry {meta!r}, expected a dict with 'weight', 'split' and 'act'")
         for key, mine in (("split", self.split), ("act", self.aq is not None)):
             if meta.get(key) != mine:
                 raise ValueError(f"{key}={meta.get(key)!r} in the checkpoint, but this layer has {key}={mine!r}")

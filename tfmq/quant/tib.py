@@ -112,12 +112,16 @@ def attach_feature_cache(unet: nn.Module, cache: TemporalFeatureCache) -> None:
     from .prepare import get_state
 
     state = get_state(unet)
+    names = dict(unet.named_modules())
+    missing = [n for n in cache.names if n not in names]
+    if missing:
+        raise ValueError(f"module(s) {missing[:3]} to serve cached temporal features from are not in this model")
     for h in state.cache_hooks:
         h.remove()
     state.cache_hooks = []
     unet.add_module(CACHE_MODULE, cache)
     for i, name in enumerate(cache.names):
-        module = unet.get_submodule(name)
+        module = names[name]
 
         def hook(m, args, out, i=i):
             return cache.lookup(i, state.ctx.timesteps, state.ctx.class_labels).to(out.dtype)
