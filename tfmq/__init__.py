@@ -5,7 +5,7 @@
     >>> qunet = tfmq.quantize(unet, calib, tfmq.QuantConfig(method="tfmq", weight_bits=4, act_bits=8))
     >>> tfmq.save(qunet, "qunet/"); qunet = tfmq.load("qunet/", fresh_fp_unet)
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 from .quant.config import ActReconConfig, CalibConfig, ConfigError, QuantConfig, ReconConfig, TiarConfig, parse_bits
 from .quant.recipes import RECIPES, Recipe, get_recipe, register_recipe
@@ -14,17 +14,18 @@ from .quant.quantizer import UncalibratedTimestepError
 from .quant.prepare import enable_inference, prepare_model, set_quant_state
 from .quant.tib import TemporalInformationBlock, temporal_features
 from .quant.api import calibrate_activations, quant_summary, quantize, reconstruct_blocks, reconstruct_temporal
-from .quant.checkpoint import CheckpointMismatchError, load, read_header, save
+from .quant.checkpoint import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load, read_header, save
 
 METHODS = tuple(RECIPES)
 
 __all__ = [
+    "__version__",
     "ActReconConfig", "CalibConfig", "ConfigError", "QuantConfig", "ReconConfig", "TiarConfig", "parse_bits",
     "RECIPES", "Recipe", "get_recipe", "register_recipe", "METHODS", "UncalibratedTimestepError",
     "STEP_KINDS", "StepContext", "register_step", "step_names",
     "enable_inference", "prepare_model", "set_quant_state", "TemporalInformationBlock", "temporal_features",
     "calibrate_activations", "quant_summary", "quantize", "reconstruct_blocks", "reconstruct_temporal",
-    "CheckpointMismatchError", "load", "read_header", "save", "CalibrationSet", "capture_calibration_data",
+    "CheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError", "load", "read_header", "save", "CalibrationSet", "capture_calibration_data",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Fashion-MNIST for the embedded default model (issue 3): verified IDX loading and one-file snapshots.
+"""Fashion-MNIST for the embedded default model: verified IDX loading and one-file snapshots.
 
 No pretrained diffusion weights exist offline, so the default FP model is trained here on
 Fashion-MNIST (Debian package ``dataset-fashion-mnist``). The loader checks every IDX header

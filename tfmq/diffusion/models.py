@@ -1,7 +1,7 @@
 """The full-precision (FP) UNets that get quantized: the embedded default and local diffusers checkpoints.
 
 The default is a 1.1M-parameter ``UNet2DModel`` for 28x28 Fashion-MNIST with attention only at
-7x7 (the cheapest place on CPU, docs/offline_assets.md section 4). ``load_fp_model`` reads any
+7x7 (where self-attention over 49 tokens is cheapest on CPU). ``load_fp_model`` reads any
 local diffusers directory with ``unet/`` + ``scheduler/`` (our checkpoints or a Stable-Diffusion-style
 pipeline folder), never the network.
 """

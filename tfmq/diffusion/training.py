@@ -1,7 +1,7 @@
-"""Train the FP DDPM that the embedded pipeline quantizes (issue 3: no pretrained weights exist offline).
+"""Train the FP DDPM that the embedded pipeline quantizes (no pretrained weights exist offline).
 
-Epsilon-prediction DDPM training (Ho et al. 2020) with the CPU recipe measured in
-docs/offline_assets.md section 4: AdamW lr 1e-3 with a linear warm-up, random batches of 64,
+Epsilon-prediction DDPM training (Ho et al. 2020) with the CPU recipe measured when the embedded
+default was built (train_fp in params.yaml): AdamW lr 1e-3 with a linear warm-up, random batches of 64,
 EMA 0.999 with warm-up; the EMA weights are what gets saved and later quantized.
 """
 from __future__ import annotations

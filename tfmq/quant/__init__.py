@@ -1,6 +1,11 @@
-"""The quantization engine: quantizers and AdaRound, quantized layers and the layer policy, the
-Temporal Information Block's engine side (TIAR targets, feature cache), BRECQ reconstruction,
-Finite Set Calibration, method recipes, the three stage verbs and the checkpoint format.
+"""The quantization engine (docs/method.md sections 2-8).
+
+quantizer (weight/activation quantizers, AdaRound, their checkpoint state), layers (quantized
+layers, layer policy), prepare (wrapping a UNet in place, quant state), tib (engine side of the
+Temporal Information Block: features of a model as it stands, FP feature cache), tiar (TIAR),
+reconstruction (BRECQ units), fsc (Finite Set Calibration, shared ranges), steps + builtin_steps
+(recipe steps as registered handlers), recipes (methods as data), api (the stage verbs and
+``quantize``), checkpoint (safetensors + JSON), config (``QuantConfig``).
 
 Depends on torch, diffusers and the FP side (``tfmq.diffusion``) only; the public verbs are
 re-exported by ``tfmq``.

@@ -50,7 +50,7 @@ def _versions() -> dict[str, str]:
     import diffusers
     import safetensors
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"tfmq": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "safetensors": safetensors.__version__}
 
