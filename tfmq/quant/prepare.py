@@ -77,6 +77,16 @@ def example_inputs(unet: nn.Module, batch_size: int = 1, device=None) -> dict[st
     return kw
 
 
+def dry_run(unet: nn.Module, handles: list) -> None:
+    """One no-grad forward on :func:`example_inputs` for the hooks behind ``handles``, which are removed after."""
+    try:
+        with torch.no_grad():
+            unet(**example_inputs(unet))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _forward_params(unet: nn.Module) -> set[str]:
     import inspect
 
@@ -131,12 +141,7 @@ def _shortcut_splits(unet: nn.Module) -> dict[str, int]:
             return None
 
         handles.append(block.register_forward_pre_hook(block_hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            unet(**example_inputs(unet))
-    finally:
-        for h in handles:
-            h.remove()
+    dry_run(unet, handles)
     return {k: v for k, v in splits.items() if v > 0}
 
 

@@ -21,7 +21,7 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from .config import ActReconConfig, ReconConfig
 from .layers import QuantLayer
-from .prepare import example_inputs, quant_layers, set_quant_state
+from .prepare import dry_run, quant_layers, set_quant_state
 from .quantizer import ActQuantizer, beta_schedule
 
 Batch = dict[str, torch.Tensor]
@@ -132,12 +132,7 @@ def discover_units(unet: nn.Module, skip_layers: set[str] = frozenset()) -> list
     handles = []
     for name, (m, _) in candidates.items():
         handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None))
-    try:
-        with torch.no_grad():
-            unet(**example_inputs(unet))
-    finally:
-        for h in handles:
-            h.remove()
+    dry_run(unet, handles)
     units = [Unit(n, *candidates[n]) for n in order]
     return [u for u in units if u.layers() or u.act_quantizers()]
 
