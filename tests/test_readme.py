@@ -66,8 +66,35 @@ print("README-CHECK " + json.dumps({"roundtrip_max_abs": float((again - images).
 '''
 
 
+#: appended after the second block (a user step + recipe): run it on a tiny UNet against plain naive
+PY_RECIPE_CHECKS = r'''
+import json, tempfile, torch
+from diffusers import DDPMScheduler, UNet2DModel
+from tfmq.diffusion.sampling import make_scheduler
+from tfmq.quant.prepare import get_state
+
+def tiny():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=4).eval()
+
+sched = make_scheduler("ddim", dict(DDPMScheduler(num_train_timesteps=100).config))
+calib = tfmq.capture_calibration_data(tiny(), sched, tempfile.mkdtemp(), num_samples=4, num_inference_steps=3,
+                                      batch_size=4, seed=0)
+mine = tfmq.quantize(tiny(), calib, config, progress=False)
+base = tfmq.quantize(tiny(), calib, tfmq.QuantConfig(method="naive", weight_bits=4, act_bits=8), progress=False)
+a = {n: q.scale.detach().clone() for n, q in act_quantizers(mine)}
+b = {n: q.scale.detach().clone() for n, q in act_quantizers(base)}
+print("README-CHECK " + json.dumps({
+    "mode": get_state(mine).stats["activations"]["mode"], "clipped": get_state(mine).stats["activations"]["clipped"],
+    "n": len(a), "same_names": sorted(a) == sorted(b),
+    "max_rel_err": max(float(((a[k] - 0.5 * b[k]).abs() / b[k].abs()).max()) for k in a)}))
+'''
+
+
 def test_readme_has_the_blocks_this_test_knows():
-    assert len(_blocks("python")) == 1, "a new python block: give it checks in PY_CHECKS"
+    assert len(_blocks("python")) == 2, "a new python block: give it checks like PY_CHECKS / PY_RECIPE_CHECKS"
     assert len(_blocks("bash")) >= 6
 
 
@@ -91,6 +118,18 @@ def test_python_api_block_runs_as_written(tmp_path):
     assert (c["method"], c["weight_bits"], c["act_bits"]) == ("tfmq", 4, 8)
     assert c["recon"]["iters"] == 200 and c["tiar_recon"]["iters"] == 200  # the config as written is recorded
     assert not (ROOT / "qunet").exists()  # nothing written into the repo
+
+
+def test_user_recipe_block_runs_as_written(tmp_path):
+    """The README's own-method block: its handler runs inside tfmq.quantize and halves every range min-max sets."""
+    script = tmp_path / "readme_recipe.py"
+    script.write_text(_blocks("python")[1] + PY_RECIPE_CHECKS)
+    r = _run([sys.executable, str(script)], cwd=tmp_path, timeout=300, PYTHONPATH=str(ROOT))
+    assert r.returncode == 0, r.stderr[-3000:]
+    check = json.loads(r.stdout.split("README-CHECK ", 1)[1].splitlines()[0])
+    assert check["mode"] == "clipped_minmax" and check["clipped"] == 0.5
+    assert check["n"] > 10 and check["same_names"]
+    assert check["max_rel_err"] < 1e-6  # exactly half of naive's min-max scales (same weights, same inputs)
 
 
 # ----------------------------------------------------------------------------- bash blocks

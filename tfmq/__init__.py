@@ -9,7 +9,7 @@ from .version import __version__
 
 from .quant.config import ActReconConfig, CalibConfig, ConfigError, QuantConfig, ReconConfig, TiarConfig, parse_bits
 from .quant.recipes import RECIPES, Recipe, get_recipe, register_recipe
-from .quant.steps import STEP_KINDS, StepContext, register_step, step_names
+from .quant.steps import STEP_KINDS, StepContext, get_step, register_step, step_names
 from .quant.quantizer import UncalibratedTimestepError
 from .quant.prepare import enable_inference, prepare_model, set_quant_state
 from .quant.tib import TemporalInformationBlock, temporal_features
@@ -22,7 +22,7 @@ __all__ = [
     "__version__",
     "ActReconConfig", "CalibConfig", "ConfigError", "QuantConfig", "ReconConfig", "TiarConfig", "parse_bits",
     "RECIPES", "Recipe", "get_recipe", "register_recipe", "METHODS", "UncalibratedTimestepError",
-    "STEP_KINDS", "StepContext", "register_step", "step_names",
+    "STEP_KINDS", "StepContext", "get_step", "register_step", "step_names",
     "enable_inference", "prepare_model", "set_quant_state", "TemporalInformationBlock", "temporal_features",
     "calibrate_activations", "quant_summary", "quantize", "reconstruct_blocks", "reconstruct_temporal",
     "CheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError", "load", "read_header", "save", "CalibrationSet", "capture_calibration_data",

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .registry import RECIPES
+
 FORMAT_VERSION = 1
 POLICIES = ("tfmq", "all")
 FSC_SCOPES = ("tib", "all")
@@ -174,8 +176,6 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> None:
-        from .recipes import RECIPES
-
         if self.method not in RECIPES:
             raise ConfigError(f"method={self.method!r} is not a registered recipe; expected one of {', '.join(RECIPES)}")
         if not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 8:

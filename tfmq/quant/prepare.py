@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -17,9 +17,8 @@ from diffusers.models.attention_processor import Attention
 from .config import QuantConfig
 from .layers import QuantAttnProcessor, QuantLayer, layer_policy, set_module
 from .quantizer import ActQuantizer, TimestepContext
+from .recipes import Recipe, get_recipe
 
-if TYPE_CHECKING:
-    from .recipes import Recipe
 
 
 @dataclass
@@ -148,7 +147,6 @@ def _shortcut_splits(unet: nn.Module) -> dict[str, int]:
 def resolve_config(config: QuantConfig) -> QuantConfig:
     """``config`` with ``policy``, ``attention_matmul`` and ``split_shortcut`` taken from the method's
     recipe where they are ``None``: the config ``prepare_model`` stores on the model."""
-    from .recipes import get_recipe  # recipes -> built-in steps -> engine modules -> this module
 
     recipe = get_recipe(config.method)
     return dataclasses.replace(
@@ -167,7 +165,6 @@ def prepare_model(unet: nn.Module, config: QuantConfig, init: bool = True) -> nn
     """
     if is_quantized(unet):
         raise ValueError("this UNet is already prepared for quantization; start from a fresh FP model")
-    from .recipes import get_recipe
 
     recipe = get_recipe(config.method)
     resolved = resolve_config(config)

@@ -1,7 +1,7 @@
 """Methods as data: each method is a recipe of named steps, looked up by name (docs/method.md section 8).
 
 The engine never branches on a method's name: each step field of a ``Recipe`` names a handler
-registered in ``tfmq.quant.steps`` (built-ins: ``tfmq.quant.builtin_steps``), checked when the recipe
+registered in ``tfmq.quant.steps`` (built-ins and the built-in recipes: ``tfmq.quant.methods``), checked when the recipe
 is registered. A new method is a new ``Recipe`` (``register_recipe``), a new step a new handler
 (``register_step``), neither an edit of the core.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import builtin_steps  # noqa: F401  (registers the built-in step handlers)
 from .config import POLICIES
+from .registry import RECIPES
 from .steps import validate_steps
 
 
@@ -49,9 +49,6 @@ class Recipe:
             object.__setattr__(self, "block_recon", "brecq" if self.block_recon else "nearest")
 
 
-RECIPES: dict[str, Recipe] = {}
-
-
 def register_recipe(recipe: Recipe, *, replace: bool = False) -> Recipe:
     """Add ``recipe`` under ``recipe.name`` after checking every field (ValueError naming the bad one).
 
@@ -81,35 +78,3 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ValueError(f"method={name!r} is not a registered recipe; expected one of {', '.join(RECIPES)}") from None
-
-
-register_recipe(Recipe(
-    "naive", policy="all", attention_matmul=False, split_shortcut=False, temporal="nearest",
-    weight_set="every_k", block_recon="nearest", activations="minmax",
-    description="RTN: MSE-initialised weights rounded to nearest, one min-max activation range",
-))
-register_recipe(Recipe(
-    "brecq", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="joint",
-    weight_set="every_k", block_recon="brecq", activations="ema",
-    description="BRECQ with the temporal layers optimised inside their blocks (the ablation baseline of the paper)",
-))
-register_recipe(Recipe(
-    "freeze", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="nearest",
-    weight_set="every_k", block_recon="brecq", activations="ema",
-    description="BRECQ with the temporal layers frozen and rounded to nearest (the poster's 'Freeze')",
-))
-register_recipe(Recipe(
-    "ptq4dm", policy="all", attention_matmul=False, split_shortcut=False, temporal="joint",
-    weight_set="ptq4dm", block_recon="brecq", activations="ema",
-    description="PTQ4DM: normally distributed calibration timesteps skewed to small t, then BRECQ",
-))
-register_recipe(Recipe(
-    "qdiffusion", policy="all", attention_matmul=True, split_shortcut=True, temporal="joint",
-    weight_set="every_k", block_recon="brecq", activations="learned",
-    description="Q-Diffusion: time-step-aware calibration, BRECQ, shortcut splitting, learned activation steps",
-))
-register_recipe(Recipe(
-    "tfmq", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="tiar",
-    weight_set="every_k", block_recon="brecq", activations="fsc",
-    description="TFMQ-DM: TIAR on the temporal information block, BRECQ with it frozen, finite set calibration",
-))

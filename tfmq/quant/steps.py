@@ -2,7 +2,7 @@
 
 A ``Recipe`` names one handler per step kind; the stage verbs (``tfmq.quant.api``) look the name up
 here and call it, so a method is data and a new step is ``register_step``, not an edit of the
-engine. The built-in handlers are in ``tfmq.quant.builtin_steps``.
+engine. The built-in handlers are in ``tfmq.quant.methods``.
 
 Step kinds and handler signatures:
     ``temporal`` (stage 1) and ``block_recon`` (stage 2): ``handler(ctx: StepContext) -> dict`` of stats.

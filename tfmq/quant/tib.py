@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..diffusion.temporal import TemporalInformationBlock, temporal_resnets
+from .prepare import get_state, set_quant_state
 
 __all__ = [
     "TemporalInformationBlock", "TemporalFeatureCache", "attach_feature_cache", "feature_cache", "install_feature_cache",
@@ -109,8 +110,6 @@ def feature_cache(unet: nn.Module) -> TemporalFeatureCache | None:
 
 def attach_feature_cache(unet: nn.Module, cache: TemporalFeatureCache) -> None:
     """Serve ``cache`` from every hooked ``time_emb_proj`` of the prepared ``unet`` (replacing any earlier one)."""
-    from .prepare import get_state
-
     state = get_state(unet)
     names = dict(unet.named_modules())
     missing = [n for n in cache.names if n not in names]
@@ -131,8 +130,6 @@ def attach_feature_cache(unet: nn.Module, cache: TemporalFeatureCache) -> None:
 
 def install_feature_cache(unet: nn.Module, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> dict:
     """Compute FP ``emb_{t,i}`` for the finite set and serve them from a cache at inference."""
-    from .prepare import get_state, set_quant_state
-
     state = get_state(unet)
     tib = TemporalInformationBlock(unet)
     device = next(unet.parameters()).device

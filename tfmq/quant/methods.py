@@ -1,4 +1,5 @@
-"""The built-in recipe steps (docs/method.md sections 4-8), registered in ``tfmq.quant.steps``.
+"""The built-in methods (docs/method.md sections 4-8): their step handlers, registered in
+``tfmq.quant.steps``, and their recipes, registered in ``tfmq.quant.recipes`` (bottom of this file).
 
 temporal: ``tiar`` (TFMQ-DM), ``nearest`` (the poster's 'Freeze', naive), ``joint`` (BRECQ / Q-Diffusion:
 the temporal layers are reconstructed with their blocks). weight_set: ``every_k`` (Q-Diffusion / TFMQ),
@@ -14,6 +15,7 @@ import torch
 from .config import ConfigError, QuantConfig
 from .fsc import calibrate_shared_ranges, finite_set_calibration, temporal_act_quantizers
 from .prepare import act_quantizers
+from .recipes import Recipe, register_recipe
 from .reconstruction import finalize_all_nearest, learn_activation_steps, reconstruct_units
 from .steps import StepContext, register_step
 from .tiar import round_temporal_to_nearest, tiar
@@ -171,3 +173,36 @@ def activations_fsc(ctx: StepContext) -> dict[str, Any]:
         stats["shared"] = calibrate_shared_ranges(unet, rows, rest, c.fsc_batch_size, c.fsc_momentum, ctx.device, cfg.seed, ctx.progress)
     stats["fsc_scope"] = cfg.fsc_scope
     return stats
+
+
+# The built-in methods as recipes (docs/method.md section 8 has the same table).
+register_recipe(Recipe(
+    "naive", policy="all", attention_matmul=False, split_shortcut=False, temporal="nearest",
+    weight_set="every_k", block_recon="nearest", activations="minmax",
+    description="RTN: MSE-initialised weights rounded to nearest, one min-max activation range",
+))
+register_recipe(Recipe(
+    "brecq", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="joint",
+    weight_set="every_k", block_recon="brecq", activations="ema",
+    description="BRECQ with the temporal layers optimised inside their blocks (the ablation baseline of the paper)",
+))
+register_recipe(Recipe(
+    "freeze", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="nearest",
+    weight_set="every_k", block_recon="brecq", activations="ema",
+    description="BRECQ with the temporal layers frozen and rounded to nearest (the poster's 'Freeze')",
+))
+register_recipe(Recipe(
+    "ptq4dm", policy="all", attention_matmul=False, split_shortcut=False, temporal="joint",
+    weight_set="ptq4dm", block_recon="brecq", activations="ema",
+    description="PTQ4DM: normally distributed calibration timesteps skewed to small t, then BRECQ",
+))
+register_recipe(Recipe(
+    "qdiffusion", policy="all", attention_matmul=True, split_shortcut=True, temporal="joint",
+    weight_set="every_k", block_recon="brecq", activations="learned",
+    description="Q-Diffusion: time-step-aware calibration, BRECQ, shortcut splitting, learned activation steps",
+))
+register_recipe(Recipe(
+    "tfmq", policy="tfmq", attention_matmul=False, split_shortcut=False, temporal="tiar",
+    weight_set="every_k", block_recon="brecq", activations="fsc",
+    description="TFMQ-DM: TIAR on the temporal information block, BRECQ with it frozen, finite set calibration",
+))
