@@ -5,7 +5,8 @@ blocks with the temporal layers frozen (section 6), then Finite Set Calibration 
 ranges (section 5); the baselines run their own recipe through the same three stages (a stage the
 recipe lacks is a recorded no-op). Each task loads the FP model plus the previous stage's
 checkpoint, calls ONE ``tfmq`` stage function and saves a checkpoint, so any stage can be re-run
-alone and an interrupted stage never leaves a half-written checkpoint (``tfmq.save`` is atomic).
+alone and an interrupted stage never leaves a half-written checkpoint (``tfmq.save`` is atomic). BRECQ
+files each finished unit under ``quant/<name>/blocks.partial/``; a re-run after a crash continues from there.
 The tasks take the run's ``flows.setting.Setting`` (its ``QuantConfig``, built once, and its paths).
 """
 from __future__ import annotations
@@ -40,18 +41,31 @@ def _record(quant_dir: Path, stage: str, seconds: float, stats: dict[str, Any]) 
     atomic_write_json(doc, path)
 
 
+RESUMABLE = {"recon_blocks"}  # stages whose tfmq function takes resume_dir= (finished units survive a crash)
+
+
+def progress_dir(setting: Setting, stage: str) -> Path:
+    """``quant/<name>/<stage output>.partial/``: the resumable stage's progress until its output is saved."""
+    return Path(setting.quant_dir) / f"{STAGE_FILES[stage]}.partial"
+
+
 def _run_stage(stage: str, fn_name: str, setting: Setting, calib_dir: str, previous: str | None) -> str:
+    import shutil
+
     import tfmq
     from tfmq.diffusion.calibration import CalibrationSet
 
     qdir = Path(setting.quant_dir)
     unet = _load_stage_input(setting, previous)
     calib = CalibrationSet(calib_dir)
+    kwargs = {"resume_dir": progress_dir(setting, stage)} if stage in RESUMABLE else {}
     times: dict[str, float] = {}
     with timed(times, stage), timed(COMPUTE_TIMES, stage):
-        stats = getattr(tfmq, fn_name)(unet, calib, setting.config, device=device(), progress=show_progress())
+        stats = getattr(tfmq, fn_name)(unet, calib, setting.config, device=device(), progress=show_progress(), **kwargs)
     out = qdir / STAGE_FILES[stage]
-    tfmq.save(unet, out, extra_metadata={"pipeline_stage": stage})
+    tfmq.save(unet, out, extra_metadata={"pipeline_stage": stage})  # temp dir + one rename
+    if kwargs:
+        shutil.rmtree(kwargs["resume_dir"], ignore_errors=True)  # only once the finished output is in place
     _record(qdir, stage, times[stage], stats)
     logger().info("%s %s: %.1f s -> %s", stage, setting.name, times[stage], out)
     return str(out)

@@ -15,6 +15,7 @@ from torch import nn
 from .methods import tiar_inputs, weight_calibration_rows  # noqa: F401  (re-exported)
 from .config import QuantConfig, cap_stage_iters
 from .prepare import enable_inference, get_state, is_quantized, prepare_model, resolve_config, set_quant_state
+from .resume import UnitProgress, stage_identity
 from .steps import StepContext, get_step, resolve_step
 from .tib import TemporalInformationBlock, install_feature_cache
 
@@ -89,11 +90,23 @@ def reconstruct_temporal(unet: nn.Module, calib, config: QuantConfig | None = No
     return stats
 
 
-def reconstruct_blocks(unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True) -> dict[str, Any]:
+def reconstruct_blocks(
+    unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True, resume_dir=None
+) -> dict[str, Any]:
     """Stage 2: the recipe's ``block_recon`` step on every remaining unit (BRECQ, or round-to-nearest);
-    the TIB layers stay as stage 1 left them. ``config``: as for ``reconstruct_temporal``."""
+    the TIB layers stay as stage 1 left them. ``config``: as for ``reconstruct_temporal``.
+
+    Args:
+        resume_dir: ``None`` (default: nothing is read or written) or a directory where BRECQ files
+            every finished unit. A re-run with the same FP model, stage-1 state, calibration set and
+            config restores those units and continues with the next one, ending bit-identical to an
+            uninterrupted run; progress written for anything else is discarded (one log line). The
+            directory is left in place: delete it once the stage's output is saved.
+    """
     state = _begin(unet, "blocks", config)
     ctx, capped = _context(unet, calib, state, "blocks", device, progress)
+    if resume_dir is not None:
+        ctx.resume = UnitProgress(resume_dir, stage_identity(unet, calib, ctx.config))
     t0 = time.perf_counter()
     stats = get_step("block_recon", resolve_step("block_recon", state.recipe, state.config))(ctx)
     stats["seconds"] = time.perf_counter() - t0

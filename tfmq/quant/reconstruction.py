@@ -8,6 +8,7 @@ pass), so the optimisation loop never runs a forward pass it does not need.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from .config import ActReconConfig, ReconConfig
 from .layers import QuantLayer
 from .prepare import dry_run, quant_layers, set_quant_state
 from .quantizer import ActQuantizer, beta_schedule
+from .resume import UnitProgress, json_digest, tensor_digest
 
 Batch = dict[str, torch.Tensor]
 
@@ -246,15 +248,31 @@ def reconstruct_units(
     capture_batch_size: int = 64,
     progress: bool = True,
     seed: int = 0,
+    resume: UnitProgress | None = None,
 ) -> dict[str, Any]:
-    """BRECQ over every unit in execution order; layers named in ``frozen`` keep their grid."""
+    """BRECQ over every unit in execution order; layers named in ``frozen`` keep their grid.
+
+    Args:
+        resume: a ``tfmq.quant.resume.UnitProgress``: every finished unit is filed there, and units
+            it already holds (for the same model state, rows and config) are restored, not re-run.
+            ``None`` (default): nothing is read or written.
+    """
     units = discover_units(unet, skip_layers=skip_layers)
     per_unit = {}
     t0 = time.perf_counter()
     n = num_rows(data)
+    done: dict[int, dict[str, Any]] = {}
+    if resume is not None:
+        todo = {ui: [l for l in u.layers() if l.name not in frozen and not l.finalized] for ui, u in enumerate(units)}
+        records = resume.open(_unit_identity(unet, data, cfg, units, todo, frozen, skip_layers, seed))
+        done = {int(r["index"]): r for r in records}
+    last_done = max(done, default=-1)
     for ui, unit in enumerate(tqdm(units, desc="BRECQ units", disable=not progress)):
         layers = [l for l in unit.layers() if l.name not in frozen and not l.finalized]
         if not layers:
+            continue
+        if ui in done:
+            per_unit[unit.name] = resume.restore(done[ui], layers, last=ui == last_done)
             continue
         set_quant_state(unet, weight=False, act=False)
         _, target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, False, True)
@@ -278,12 +296,35 @@ def reconstruct_units(
         stats["seconds"] = time.perf_counter() - u0
         per_unit[unit.name] = stats
         del args, kwargs, target
+        if resume is not None:
+            resume.record(ui, unit.name, layers, stats)
     # anything left (a quantized layer no unit executed) is rounded to nearest
     for _, l in quant_layers(unet):
         if not l.finalized:
             l.finalize()
     set_quant_state(unet, weight=True, act=False)
-    return {"units": per_unit, "num_units": len(per_unit), "rows": n, "seconds": time.perf_counter() - t0}
+    out = {"units": per_unit, "num_units": len(per_unit), "rows": n, "seconds": time.perf_counter() - t0}
+    if resume is not None:
+        out["resumed_units"] = resume.restored
+    return out
+
+
+def _unit_identity(unet, data: Batch, cfg: ReconConfig, units: list[Unit], todo, frozen, skip_layers, seed: int) -> dict[str, Any]:
+    """What unit k's result depends on: the state the stage starts from, the rows, the units, the settings."""
+    tensors: dict[str, torch.Tensor] = {}
+    metas: dict[str, Any] = {}
+    for name, layer in quant_layers(unet):
+        owned, metas[name] = layer.export_state()
+        tensors.update({f"{name}.{k}": v for k, v in owned.items()})
+    return {
+        "entering_state": tensor_digest(tensors) + ":" + json_digest(metas),
+        "rows": tensor_digest(data),
+        "units": [[u.name, [l.name for l in todo[ui]]] for ui, u in enumerate(units)],
+        "recon": dataclasses.asdict(cfg),
+        "seed": seed,
+        "frozen": sorted(frozen),
+        "skip_layers": sorted(skip_layers),
+    }
 
 
 def finalize_all_nearest(unet: nn.Module) -> int:
