@@ -103,9 +103,8 @@ def temporal_joint(ctx: StepContext) -> dict[str, Any]:
 def blocks_brecq(ctx: StepContext) -> dict[str, Any]:
     cfg = ctx.config
     data = ctx.weight_rows()
-    # resume: set by tfmq.reconstruct_blocks(resume_dir=...) (a UnitProgress), else None
     stats = reconstruct_units(ctx.unet, data, cfg.recon, ctx.device, progress=ctx.progress, seed=cfg.seed,
-                              resume=getattr(ctx, "resume", None))
+                              resume=ctx.resume)
     stats["weight_set"] = ctx.recipe.weight_set
     stats["timesteps_used"] = sorted(set(int(v) for v in data["timestep"].tolist()))
     return stats

@@ -37,6 +37,8 @@ class StepContext:
         recipe: the method's ``Recipe``.
         device: ``torch.device`` the stage runs on.
         progress: show progress bars.
+        resume: where BRECQ files finished units (a ``tfmq.quant.resume.UnitProgress``), set by
+            ``tfmq.reconstruct_blocks(resume_dir=...)``; ``None``: nothing is read or written.
     """
 
     unet: nn.Module
@@ -45,6 +47,7 @@ class StepContext:
     recipe: Any
     device: torch.device
     progress: bool = True
+    resume: Any = None
 
     def weight_rows(self) -> dict[str, torch.Tensor]:
         """The recipe's weight calibration set (its ``weight_set`` handler)."""
