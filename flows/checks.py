@@ -86,31 +86,19 @@ def eval_inputs(params: Params) -> None:
 
 def checkpoint(setting: Setting) -> None:
     """The setting's final checkpoint: a complete tfmq checkpoint of this very method and bits."""
-    from safetensors import safe_open
-
-    from tfmq import read_header
-    from tfmq.quant.checkpoint import WEIGHTS_NAME
+    from tfmq import CheckpointError, verify_checkpoint
 
     path = setting.checkpoint
     hint = f"re-run `tfmq quantize --method {setting.method} --bits {setting.bits}`"
     if setting.name != f"{setting.method}-{setting.bits}":
         hint = f"re-run `tfmq quantize --name {setting.name}`"
     try:
-        header = read_header(path)
-    except FileNotFoundError as e:
-        raise InputError(f"{e}; {hint}") from None
-    except (ValueError, OSError) as e:  # truncated JSON, a foreign format or version
-        raise InputError(f"{Path(path) / 'quant_config.json'}: not a readable tfmq checkpoint header "
-                         f"({' '.join(str(e).split())}); {hint}") from None
+        header = verify_checkpoint(path)  # header and a complete weights file, without loading tensors
+    except CheckpointError as e:
+        raise InputError(f"{' '.join(str(e).split())}; {hint}") from None
     if (header.get("method"), header.get("bits")) != (setting.method, setting.bits):
         raise InputError(f"{path}: checkpoint is {header.get('method')}-{header.get('bits')}, expected "
                          f"{setting.method}-{setting.bits}; {hint}")
-    weights = Path(path) / WEIGHTS_NAME
-    try:
-        with safe_open(str(weights), "pt") as f:
-            f.keys()
-    except Exception as e:  # noqa: BLE001 - SafetensorError is no ValueError; truncation lands here
-        raise InputError(f"{weights}: not a complete safetensors file ({' '.join(str(e).split())}); {hint}") from None
 
 
 def run_inputs(command: str, params: Params, setting: Setting | None = None) -> None:

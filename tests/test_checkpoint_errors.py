@@ -179,3 +179,19 @@ def test_feature_cache_naming_a_module_the_model_lacks(tmp_path):
     header["feature_cache"][1] = "down_blocks.7.resnets.0.time_emb_proj"
     (path / HEADER).write_text(json.dumps(header))
     _refused(path, match=r"tfmq_feature_cache: module\(s\) \['down_blocks\.7\.resnets\.0\.time_emb_proj'\] .* not in this model")
+
+
+def test_verify_checkpoint_without_a_model(ckpt):
+    """``tfmq.verify_checkpoint``: the good checkpoint's header; each damage gives the one line ``load`` gives."""
+    assert tfmq.verify_checkpoint(ckpt) == tfmq.read_header(ckpt)
+    data = (ckpt / WEIGHTS).read_bytes()
+    (ckpt / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"quantized\.safetensors: unreadable safetensors file .*truncated") as info:
+        tfmq.verify_checkpoint(ckpt)
+    assert "\n" not in str(info.value) and str(ckpt / WEIGHTS) in str(info.value)
+    save_file({k: v.contiguous() for k, v in tiny_unet("uncond").state_dict().items()}, str(ckpt / WEIGHTS))
+    with pytest.raises(CheckpointError, match="not a tfmq quantized checkpoint"):
+        tfmq.verify_checkpoint(ckpt)
+    (ckpt / HEADER).unlink()
+    with pytest.raises(CheckpointNotFoundError, match=f"{HEADER}: no quantized"):
+        tfmq.verify_checkpoint(ckpt)

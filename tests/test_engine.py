@@ -21,12 +21,12 @@ from engine_fixtures import (
     tiny_unet,
     unet_inputs,
 )
-from tfmq.quant.api import weight_calibration_rows
+from tfmq.quant.methods import weight_calibration_rows
 from tfmq.quant.fsc import temporal_act_quantizers
 from tfmq.quant.layers import QuantAttnProcessor, QuantLayer
 from tfmq.quant.prepare import act_quantizers, get_state, quant_layers
 from tfmq.quant.quantizer import ActQuantizer, WeightQuantizer, minmax_qparams
-from tfmq.quant.api import tiar_inputs
+from tfmq.quant.methods import tiar_inputs
 from tfmq.quant.reconstruction import lp_loss, mean_temporal_cos
 from tfmq.quant.tiar import tiar_loss
 from tfmq.diffusion.sampling import sample

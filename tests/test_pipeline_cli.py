@@ -143,7 +143,8 @@ def test_truncated_checkpoint_weights(capsys, tmp_path):
     data = (d / "quantized.safetensors").read_bytes()
     (d / "quantized.safetensors").write_bytes(data[: len(data) // 2])
     line = _refused(capsys, [*ARGV, "--config", cfg])
-    assert str(d / "quantized.safetensors") in line and "not a complete safetensors file" in line
+    assert str(d / "quantized.safetensors") in line and "unreadable safetensors file" in line
+    assert "truncated or damaged" in line and "tfmq quantize --method tfmq --bits W4A8" in line
 
 
 def test_foreign_checkpoint(capsys, tmp_path):

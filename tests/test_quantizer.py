@@ -21,7 +21,7 @@ from tfmq.quant.quantizer import (
     minmax_qparams,
     mse_clip_search,
 )
-from tfmq.quant.reconstruction import _optimize, _regularizer, lp_loss
+from tfmq.quant.reconstruction import lp_loss, optimize_rows, rounding_regularizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,8 +176,8 @@ def test_adaround_optimise_harden_finalize():
     rtn = float(lp_loss(layer(x), target).detach())
     layer.init_adaround()
     cfg = tfmq.ReconConfig(iters=120, batch_size=32, lr=1e-2)
-    stats = _optimize(lambda idx: lp_loss(layer(x[idx]), target[idx]), 64, layer.adaround_parameters(), cfg.iters,
-                      cfg.batch_size, cfg.lr, _regularizer([layer], cfg, cfg.iters), "t", False)
+    stats = optimize_rows(lambda idx: lp_loss(layer(x[idx]), target[idx]), 64, layer.adaround_parameters(), cfg.iters,
+                      cfg.batch_size, cfg.lr, rounding_regularizer([layer], cfg, cfg.iters), "t", False)
     assert stats["iters"] == 120
     q = layer.wq[0]
     w_s = lin.weight.detach() / q.scale

@@ -47,7 +47,7 @@ class Interrupt(RuntimeError):
 def _counting(monkeypatch, stop_at: int | None = None) -> list[int]:
     """Count unit optimisations; raise on the ``stop_at``-th (the units before it have been filed)."""
     calls: list[int] = []
-    real = reconstruction._optimize
+    real = reconstruction.optimize_rows
 
     def wrapped(*args, **kwargs):
         calls.append(1)
@@ -55,7 +55,7 @@ def _counting(monkeypatch, stop_at: int | None = None) -> list[int]:
             raise Interrupt(f"interrupted in unit {len(calls)}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reconstruction, "_optimize", wrapped)
+    monkeypatch.setattr(reconstruction, "optimize_rows", wrapped)
     return calls
 
 
@@ -185,12 +185,12 @@ CHILD = textwrap.dedent("""
 
     calib_dir, out, progress, slow = sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
     if slow:
-        real = reconstruction._optimize
+        real = reconstruction.optimize_rows
         def paced(*a, **k):  # slows the stage down so the parent can kill it between units
             r = real(*a, **k)
             time.sleep(slow)
             return r
-        reconstruction._optimize = paced
+        reconstruction.optimize_rows = paced
     config = tfmq.QuantConfig.from_dict(json.loads(os.environ["TFMQ_TEST_CONFIG"]))
     unet = tfmq.prepare_model(make_tiny_unet("uncond"), config)
     calib = CalibrationSet(calib_dir)

@@ -9,7 +9,7 @@ from torch import nn
 
 import tfmq
 from engine_fixtures import STEPS, N_SAMPLES, calib, quantized, scheduler, small_config, tiny_unet
-from tfmq.quant.api import weight_calibration_rows
+from tfmq.quant.methods import weight_calibration_rows
 from tfmq.quant.config import ConfigError, cap_stage_iters
 from tfmq.quant.layers import QuantAttnProcessor, QuantLayer
 from tfmq.quant.prepare import get_state

@@ -14,7 +14,9 @@ from .quant.quantizer import UncalibratedTimestepError
 from .quant.prepare import enable_inference, prepare_model, set_quant_state
 from .quant.tib import TemporalInformationBlock, temporal_features
 from .quant.api import calibrate_activations, quant_summary, quantize, reconstruct_blocks, reconstruct_temporal
-from .quant.checkpoint import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load, read_header, save
+from .quant.checkpoint import (
+    CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load, read_header, save, verify_checkpoint,
+)
 
 METHODS = tuple(RECIPES)
 
@@ -25,7 +27,8 @@ __all__ = [
     "STEP_KINDS", "StepContext", "get_step", "register_step", "step_names",
     "enable_inference", "prepare_model", "set_quant_state", "TemporalInformationBlock", "temporal_features",
     "calibrate_activations", "quant_summary", "quantize", "reconstruct_blocks", "reconstruct_temporal",
-    "CheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError", "load", "read_header", "save", "CalibrationSet", "capture_calibration_data",
+    "CheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError", "load", "read_header", "save",
+    "verify_checkpoint", "CalibrationSet", "capture_calibration_data",
 ]
 
 

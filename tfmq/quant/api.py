@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods import tiar_inputs, weight_calibration_rows  # noqa: F401  (re-exported)
+from .methods import tiar_inputs
 from .config import QuantConfig, cap_stage_iters
 from .prepare import enable_inference, get_state, is_quantized, prepare_model, resolve_config, set_quant_state
 from .resume import UnitProgress, stage_identity

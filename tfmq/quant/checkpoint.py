@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -155,8 +155,8 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def _read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of ``path/quantized.safetensors`` (CPU), after checking it is a tfmq checkpoint."""
+def _open_weights(path: str | os.PathLike, read: Callable[[Any], Any]) -> Any:
+    """``read(f)`` on the opened ``path/quantized.safetensors``, after checking it is a complete tfmq checkpoint file."""
     p = Path(path) / WEIGHTS_NAME
     if not p.is_file():
         raise CheckpointNotFoundError(f"{p}: no quantized weights here; {_WRITTEN_BY_SAVE}")
@@ -173,9 +173,26 @@ def _read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                     f"{p}: format_version={meta.get('format_version')!r}, this tfmq reads version {FORMAT_VERSION}; "
                     f"re-run the quantization"
                 )
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return read(f)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{p}: unreadable safetensors file ({e}); truncated or damaged, re-save the checkpoint") from None
+
+
+def _read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path/quantized.safetensors`` (CPU), after checking it is a tfmq checkpoint."""
+    return _open_weights(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check a checkpoint directory without a model and without loading its tensors; returns its header.
+
+    The header must be a readable tfmq header of this format version and the weights file a complete
+    tfmq safetensors file (a truncated file is caught here: its header no longer covers the data).
+    Raises the ``CheckpointError`` family with one line naming the file, as ``load`` would.
+    """
+    header = read_header(path)
+    _open_weights(path, lambda f: list(f.keys()))
+    return header
 
 
 def _check_model(header: dict[str, Any], unet: nn.Module, path) -> None:

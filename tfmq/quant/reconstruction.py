@@ -185,7 +185,7 @@ def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.T
     return (pred - target).abs().pow(p).sum(1).mean()
 
 
-def _optimize(
+def optimize_rows(
     step_fn: Callable[[torch.Tensor], torch.Tensor],
     n_rows: int,
     params: list[nn.Parameter],
@@ -226,7 +226,7 @@ def _optimize(
     return {"iters": iters, "rec_loss_first": first, "rec_loss_last": last}
 
 
-def _regularizer(layers: list[QuantLayer], cfg: ReconConfig, iters: int) -> Callable[[int], torch.Tensor | None]:
+def rounding_regularizer(layers: list[QuantLayer], cfg: ReconConfig, iters: int) -> Callable[[int], torch.Tensor | None]:
     def reg(step: int):
         beta = beta_schedule(step, iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
         if beta is None or cfg.round_weight == 0:
@@ -287,8 +287,8 @@ def reconstruct_units(
             return lp_loss(out, target[idx])
 
         u0 = time.perf_counter()
-        stats = _optimize(
-            step_fn, n, params, cfg.iters, cfg.batch_size, cfg.lr, _regularizer(layers, cfg, cfg.iters),
+        stats = optimize_rows(
+            step_fn, n, params, cfg.iters, cfg.batch_size, cfg.lr, rounding_regularizer(layers, cfg, cfg.iters),
             f"{unit.name}", progress, seed=seed + ui,
         )
         for l in layers:
@@ -370,7 +370,7 @@ def learn_activation_steps(
             out = _main_output(unit.module(*_take(args, idx, n), **_take(kwargs, idx, n)))
             return lp_loss(out, target[idx], p=cfg.p)
 
-        stats = _optimize(
+        stats = optimize_rows(
             step_fn, n, [q.scale for q in qs], cfg.iters, cfg.batch_size, cfg.lr, None, f"act {unit.name}", progress,
             cosine=True, seed=seed + ui,
         )

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import ReconConfig, TiarConfig
 from .prepare import quant_layers, set_quant_state
-from .reconstruction import _optimize, _regularizer, lp_loss
+from .reconstruction import lp_loss, optimize_rows, rounding_regularizer
 from .tib import TemporalInformationBlock
 
 
@@ -61,8 +61,8 @@ def tiar(
         return tiar_loss(feats, [tgt[idx] for tgt in targets])
 
     t0 = time.perf_counter()
-    stats = _optimize(
-        step_fn, len(t), params, cfg.iters, cfg.batch_size, cfg.lr, _regularizer(layers, reg_cfg, cfg.iters),
+    stats = optimize_rows(
+        step_fn, len(t), params, cfg.iters, cfg.batch_size, cfg.lr, rounding_regularizer(layers, reg_cfg, cfg.iters),
         "TIAR", progress, seed=seed,
     )
     for l in layers:
