@@ -1,7 +1,7 @@
 """One Prefect flow per DVC stage: what ``dvc repro`` runs, and what the composed flows reuse.
 
 Each flow takes the validated :class:`~flows.params.Params` (loaded once by the CLI or by
-``compare``) and, for a setting's stages, its :class:`~flows.setting.Setting`; it hands each task
+``compare``) and, for a setting's stages, its :class:`~tasks.setting.Setting`; it hands each task
 that setting plus the params section the task reads, and passes file paths between tasks. With
 ``--no-prefect`` (``PLAIN``) the same task bodies run as plain functions, with no Prefect server at
 all: the library's path for users who want neither DVC nor Prefect.

@@ -7,7 +7,7 @@ recipe lacks is a recorded no-op). Each task loads the FP model plus the previou
 checkpoint, calls ONE ``tfmq`` stage function and saves a checkpoint, so any stage can be re-run
 alone and an interrupted stage never leaves a half-written checkpoint (``tfmq.save`` is atomic). BRECQ
 files each finished unit under ``quant/<name>/blocks.partial/``; a re-run after a crash continues from there.
-The tasks take the run's ``flows.setting.Setting`` (its ``QuantConfig``, built once, and its paths).
+The tasks take the run's ``tasks.setting.Setting`` (its ``QuantConfig``, built once, and its paths).
 """
 from __future__ import annotations
 
