@@ -46,13 +46,30 @@ def dataset(params: Params) -> None:
     _need_file("data.path", params.data.path, "run `tfmq prepare-data` (dvc repro prepare_data) first")
 
 
-def fp_model(params: Params) -> None:
-    _need_dir("model.fp_dir", params.model.fp_dir, "expected a diffusers folder with unet/ and scheduler/; "
-              "fix model.fp_dir in params.yaml or run `tfmq train`", inside=("unet/config.json", "scheduler"))
+def fp_model(params: Params, model: str | None = None) -> None:
+    """``<model.root>/<model>``: a diffusers folder with unet/ and scheduler/ (and every component its
+    model_index.json lists, e.g. an LDMPipeline's vqvae/)."""
+    from tasks.setting import model_name
+
+    model = model_name(params, model)
+    path = str(Path(params.model.root) / model)
+    key = "model.root/model.name" if model == params.model.name else f"model.root/{model}"
+    hint = ("expected a diffusers folder with unet/ and scheduler/ (pixel) or an LDMPipeline folder (+ vqvae/); "
+            "fix model.root / model.name / grid.models in params.yaml or run `tfmq train`")
+    _need_dir(key, path, hint, inside=("unet/config.json", "scheduler"))
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        try:
+            comps = [k for k, v in json.loads(index.read_text()).items() if not k.startswith("_") and
+                     isinstance(v, list) and v[0] is not None]
+        except (OSError, ValueError) as e:
+            raise InputError(f"{key}={path!r}: model_index.json is unreadable ({e}); {hint}") from None
+        _need_dir(key, path, hint, inside=tuple(f"{c}/" for c in comps if c not in ("tokenizer",)))
 
 
-def calib_set(params: Params) -> None:
-    _need_dir("calib_data.out_dir", params.calib_data.out_dir, "run `tfmq calib-data` (dvc repro calib_data) first")
+def calib_set(params: Params, setting: Setting | None = None) -> None:
+    path = setting.calib_dir if setting is not None else str(Path(params.calib_data.dir) / params.model.name)
+    _need_dir("calib_data.dir", path, "run `tfmq calib-data --model <model>` (dvc repro calib_data) first")
 
 
 def extractor_weights(params: Params) -> None:
@@ -101,11 +118,14 @@ def checkpoint(setting: Setting) -> None:
                          f"{setting.method}-{setting.bits}; {hint}")
 
 
-def run_inputs(command: str, params: Params, setting: Setting | None = None) -> None:
-    """Raise InputError for the first missing input of ``command`` (the CLI's sub-command name)."""
+def run_inputs(command: str, params: Params, setting: Setting | None = None, model: str | None = None) -> None:
+    """Raise InputError for the first missing input of ``command`` (the CLI's sub-command name); ``model``:
+    the ``--model`` of a command without a setting (calib-data)."""
+    model = setting.model if setting is not None and setting.model else model
     if command in ("check", "compare"):  # the whole run: its sources (produced outputs are rebuilt)
         if command == "check":
-            fp_model(params)
+            for name in params.grid.models:
+                fp_model(params, name)
         if not Path(params.data.path).is_file():
             dataset_source(params)
         extractor_weights(params)
@@ -117,18 +137,18 @@ def run_inputs(command: str, params: Params, setting: Setting | None = None) -> 
         dataset(params)
         extractor_weights(params)
     elif command == "calib-data":
-        fp_model(params)
+        fp_model(params, model)
     elif command in ("quantize", "run"):
-        fp_model(params)
-        calib_set(params)
+        fp_model(params, model)
+        calib_set(params, setting)
         if command == "run":
             eval_inputs(params)
     elif command == "evaluate":
         assert setting is not None
-        if setting.kind == "real":
+        if setting.kind in ("real", "autoencoder"):
             dataset(params)
-        else:
-            fp_model(params)
+        if setting.kind != "real":
+            fp_model(params, model)
         eval_inputs(params)
         if setting.quantized:
             checkpoint(setting)
@@ -139,8 +159,13 @@ def summary(params: Params, settings: list[Setting]) -> str:
     from tfmq.evaluation.extractors import get_extractor_spec
 
     spec = get_extractor_spec(params.eval.extractor)
-    lines = [f"model.fp_dir: {params.model.fp_dir} ({json.loads((Path(params.model.fp_dir) / 'unet' / 'config.json').read_text())['_class_name']})",
+    from tfmq.diffusion.pipelines import read_family
+
+    lines = [f"model {m}: {Path(params.model.root) / m} ({read_family(Path(params.model.root) / m).name}, "
+             f"{json.loads((Path(params.model.root) / m / 'unet' / 'config.json').read_text())['_class_name']})"
+             for m in params.grid.models]
+    lines += [
              f"dataset: {params.data.path if Path(params.data.path).is_file() else params.data.root}",
              f"extractor: {spec.name}" + (f" (weights {params.eval.inception_weights})" if spec.needs_weights_path else ""),
-             f"settings: {len(settings)} ({', '.join(s.name for s in settings)})"]
+             f"settings: {len(settings)} ({', '.join(f'{s.model}/{s.name}' for s in settings)})"]
     return "\n".join(lines)

@@ -3,7 +3,7 @@
     tfmq check                                   # validate params.yaml, the grid and every input path
     tfmq quantize --method tfmq --bits W4A8      # TIAR -> BRECQ -> FSC, checkpoint under quant/
     tfmq evaluate --method tfmq --bits W4A8      # samples, FID/sFID/KID/IS, temporal analyses, MLflow
-    tfmq evaluate --fp                           # the FP model's row of the table
+    tfmq evaluate --fp --model fashion_ldm       # the FP row (+ the autoencoder floor of a latent model)
     tfmq run --method tfmq --bits W4A8           # quantize + evaluate (the quantize_and_evaluate flow)
     tfmq compare                                 # the whole grid in ONE process, then the table
     tfmq report                                  # results/results.md from the metrics files
@@ -48,6 +48,12 @@ def _setting(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--method", required=required, help="naive | freeze | ptq4dm | qdiffusion | tfmq (default: quant.method)")
     p.add_argument("--bits", required=required, help="W8A8 | W4A8 | W4A32 | W<w>A<a> (default: quant.weight_bits/act_bits)")
     p.add_argument("--name", default=None, help="output name under quant/ and results/ (default: <method>-<bits>)")
+    _model_arg(p)
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="model folder name under model.root, e.g. fashion_ldm (default: model.name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,11 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("check", parents=[common], help="validate params.yaml and exit")
     sub.add_parser("prepare-data", parents=[common], help="verify the IDX dataset and snapshot it (data.path)")
-    p = sub.add_parser("train", parents=[common], help="train the FP DDPM (train_fp / train_fp_class)")
-    p.add_argument("--class-conditional", action="store_true", help="train the train_fp_class model")
+    p = sub.add_parser("train", parents=[common],
+                       help="train an FP model (train_fp / train_fp_class / train_ldm / train_ldm_class)")
+    p.add_argument("--class-conditional", action="store_true", help="the class-conditional model (*_class)")
+    p.add_argument("--latent", action="store_true", help="the latent UNet on the autoencoder's latents (train_ldm*)")
+    sub.add_parser("train-autoencoder", parents=[common], help="train the latent family's VQ autoencoder")
     sub.add_parser("train-classifier", parents=[common], help="train the domain-IS classifier")
     sub.add_parser("reference-stats", parents=[common], help="feature statistics of the reference split")
-    sub.add_parser("calib-data", parents=[common], help="record calibration trajectories of the FP model")
+    _model_arg(sub.add_parser("calib-data", parents=[common], help="record calibration trajectories of the FP model"))
     _setting(sub.add_parser("quantize", parents=[common], help="quantize one setting (3 stages)"))
     p = sub.add_parser("evaluate", parents=[common], help="evaluate one setting (or --fp) and log it to MLflow")
     _setting(p)
@@ -72,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", parents=[common], help="quantize + evaluate a grid in one process, then report")
     p.add_argument("--methods", nargs="+", default=None, help="default: grid.methods")
     p.add_argument("--bits", nargs="+", default=None, help="default: grid.bits")
+    p.add_argument("--models", nargs="+", default=None, help="default: grid.models")
     p.add_argument("--rebuild", action="store_true", help="re-run upstream stages even when their outputs exist")
     sub.add_parser("report", parents=[common], help="write and print the results table")
     p = sub.add_parser("repro", parents=[common], help="run `dvc repro` inside a Prefect flow (what the schedule runs)")
@@ -85,12 +95,14 @@ def _settings(args: argparse.Namespace, params) -> list:
     from tasks.setting import grid_settings, quantized_setting, unquantized_setting
 
     cmd = args.command
-    if cmd in ("check", "compare"):
-        return grid_settings(params, args.methods if cmd == "compare" else None, args.bits if cmd == "compare" else None)
+    if cmd == "check":
+        return grid_settings(params)
+    if cmd == "compare":
+        return grid_settings(params, args.methods, args.bits, args.models)
     if cmd == "evaluate" and (args.fp or args.real):
-        return [unquantized_setting(params, "fp" if args.fp else "real", args.name)]
+        return [unquantized_setting(params, "fp" if args.fp else "real", args.name, args.model)]
     if cmd in ("quantize", "evaluate", "run"):
-        return [quantized_setting(params, args.method, args.bits, args.name)]
+        return [quantized_setting(params, args.method, args.bits, args.name, args.model)]
     return []
 
 
@@ -100,18 +112,21 @@ def _dispatch(args: argparse.Namespace, params, settings: list) -> Any:
     rf: Callable[..., Any] = stages.run_flow
     cmd = args.command
     simple = {"prepare-data": stages.prepare_data_flow, "train-classifier": stages.train_classifier_flow,
-              "reference-stats": stages.reference_stats_flow, "calib-data": stages.calib_data_flow,
-              "report": stages.report_flow}
+              "reference-stats": stages.reference_stats_flow, "report": stages.report_flow,
+              "train-autoencoder": stages.train_autoencoder_flow}
     if cmd in simple:
         return rf(simple[cmd], params)
+    if cmd == "calib-data":
+        return rf(stages.calib_data_flow, params, args.model)
     if cmd == "train":
-        return rf(stages.train_fp_flow, params, "train_fp_class" if args.class_conditional else "train_fp")
+        section = ("train_ldm" if args.latent else "train_fp") + ("_class" if args.class_conditional else "")
+        return rf(stages.train_fp_flow, params, section)
     if cmd in ("quantize", "evaluate", "run"):
         flow_ = {"quantize": stages.quantize_flow, "evaluate": stages.evaluate_flow,
                  "run": pipeline.quantize_and_evaluate}[cmd]
         return rf(flow_, settings[0], params)
     if cmd == "compare":  # the deployment's entry point: it takes the file and builds the same grid
-        return rf(pipeline.compare, args.methods, args.bits, args.config, args.rebuild)
+        return rf(pipeline.compare, args.methods, args.bits, args.config, args.rebuild, args.models)
     if cmd == "repro":
         return rf(pipeline.repro, args.targets, args.force)
     raise AssertionError(cmd)
@@ -169,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = _input_errors()
     try:
         settings = _settings(args, params)
-        checks.run_inputs(args.command, params, settings[0] if len(settings) == 1 else None)
+        checks.run_inputs(args.command, params, settings[0] if len(settings) == 1 else None,
+                          model=getattr(args, "model", None))
     except errors as e:
         return _error(e)
     _MARKS["params"] = time.time()

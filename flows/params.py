@@ -54,14 +54,44 @@ class Sampler(Section):
     name: Literal[SAMPLERS]  # type: ignore[valid-type]
     num_inference_steps: int
     eta: float
+    guidance_scale: float
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _scale(cls, v: float) -> float:
+        if not v >= 1.0:
+            raise ValueError(f"sampler.guidance_scale={v!r}: expected a number >= 1 (1 = no classifier-free "
+                             f"guidance; paper: 3.0 for the class-conditional LDM-4); fix it in {_FILE}")
+        return v
+
+
+_MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+def _model_name(key: str, v: str) -> str:
+    if not re.fullmatch(_MODEL_NAME, v):
+        raise ValueError(f"{key}={v!r}: expected a folder name under model.root (letters, digits, '.', '_', '-'); "
+                         f"fix it in {_FILE}")
+    return v
 
 
 class Model(Section):
-    fp_dir: str
+    root: str
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _model_name("model.name", v)
+
+    @property
+    def fp_dir(self) -> str:
+        """``<root>/<name>``: the folder the ``*_exp`` stages and CLI calls without ``--model`` quantize."""
+        return str(Path(self.root) / self.name)
 
 
 class CalibData(Section):
-    out_dir: str
+    dir: str
     num_samples: int
     batch_size: int
     seed: int
@@ -92,8 +122,19 @@ class Eval(Section):
 
 
 class Grid(Section):
+    models: list[str]
     methods: list[str]
     bits: list[str]
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"grid.models={v!r}: expected a non-empty list of folder names under model.root, "
+                             f"no repeats; fix grid.models in {_FILE}")
+        for name in v:
+            _model_name("grid.models", name)
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -130,13 +171,11 @@ class Mlflow(Section):
     tracking_uri: str | None
 
 
-def _train_section() -> type[Section]:
-    """``train_fp`` / ``train_fp_class``: the fields of ``TrainConfig`` (all required) plus ``out_dir``."""
-    from tfmq.diffusion.training import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
+def _dataclass_section(cls: type, name: str) -> type[Section]:
+    """A section with the fields of a library dataclass (all required) plus ``out_dir``."""
+    hints = typing.get_type_hints(cls)
     fields: dict[str, Any] = {"out_dir": (str, ...)}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         if f.name == "version":
             continue
         tp = hints[f.name]
@@ -144,10 +183,27 @@ def _train_section() -> type[Section]:
             tp = Annotated[tp, Field(strict=False)]
         fields[f.name] = (tp, ...)
 
-    return create_model("TrainSection", __base__=Section, **fields)
+    return create_model(name, __base__=Section, **fields)
+
+
+def _train_section() -> type[Section]:
+    """``train_fp`` / ``train_fp_class`` / ``train_ldm*``: the fields of ``TrainConfig`` plus ``out_dir``."""
+    from tfmq.diffusion.training import TrainConfig
+
+    return _dataclass_section(TrainConfig, "TrainSection")
+
+
+def _autoencoder_section() -> type[Section]:
+    """``autoencoder``: the fields of ``tfmq.diffusion.autoencoder.AutoencoderConfig`` plus ``out_dir``."""
+    from tfmq.diffusion.autoencoder import AutoencoderConfig
+
+    return _dataclass_section(AutoencoderConfig, "AutoencoderSection")
 
 
 TrainSection = _train_section()
+AutoencoderSection = _autoencoder_section()
+#: the FP training sections: name -> what they train
+TRAIN_SECTIONS = ("train_fp", "train_fp_class", "train_ldm", "train_ldm_class")
 
 
 class Params(Section):
@@ -156,6 +212,9 @@ class Params(Section):
     data: Data
     train_fp: TrainSection  # type: ignore[valid-type]
     train_fp_class: TrainSection  # type: ignore[valid-type]
+    autoencoder: AutoencoderSection  # type: ignore[valid-type]
+    train_ldm: TrainSection  # type: ignore[valid-type]
+    train_ldm_class: TrainSection  # type: ignore[valid-type]
     classifier: Classifier
     sampler: Sampler
     model: Model
@@ -188,11 +247,17 @@ class Params(Section):
     def _train_configs(self) -> "Params":
         from tfmq.diffusion.training import TrainConfig
 
-        for name in ("train_fp", "train_fp_class"):  # the dataclass's own checks (__post_init__)
+        from tfmq.diffusion.autoencoder import AutoencoderConfig
+
+        for name in TRAIN_SECTIONS:  # the dataclass's own checks (__post_init__)
             try:
                 TrainConfig(**getattr(self, name).model_dump(exclude={"out_dir"}))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{name}: {e}; fix it in {_FILE}") from None
+        try:
+            AutoencoderConfig(**self.autoencoder.model_dump(exclude={"out_dir"}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"autoencoder: {e}; fix it in {_FILE}") from None
         return self
 
 

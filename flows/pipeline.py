@@ -25,13 +25,15 @@ from flows.stages import (
     reference_stats_flow,
     report_flow,
     run_flow,
+    train_autoencoder_flow,
     train_classifier_flow,
     train_fp_flow,
 )
+from flows.params import TRAIN_SECTIONS
 from tasks.common import logger, pipeline_task
 
 
-@flow(name="quantize-and-evaluate", flow_run_name="{setting.name}", **_OBJECTS)
+@flow(name="quantize-and-evaluate", flow_run_name="{setting.model}-{setting.name}", **_OBJECTS)
 def quantize_and_evaluate(setting: Setting, params: Params) -> str:
     """Quantize one setting and evaluate it; returns its metrics.json path."""
     run_flow(quantize_flow, setting, params)
@@ -45,28 +47,36 @@ def _missing(path: str) -> bool:
 
 @flow(name="compare")
 def compare(methods: list[str] | None = None, bits: list[str] | None = None, config: str = "params.yaml",
-            rebuild: bool = False) -> str:
-    """The method x bits grid plus the real-data and FP rows, then the results table; upstream outputs are built when missing.
+            rebuild: bool = False, models: list[str] | None = None) -> str:
+    """The model x method x bits grid plus the real-data, FP and autoencoder rows, then the results tables;
+    upstream outputs are built when missing (a model folder by the training section whose out_dir it is).
 
     The deployment's entry point: it takes the params file's path, validates it and builds every
     setting once, before any work starts.
     """
     params = load_params(config)
-    settings = grid_settings(params, methods, bits)
-    upstream = [
-        (params.data.path, prepare_data_flow, ()),
-        (params.model.fp_dir, train_fp_flow, ("train_fp",)),
-        (params.classifier.path, train_classifier_flow, ()),
-        (params.reference.dir, reference_stats_flow, ()),
-        (params.calib_data.out_dir, calib_data_flow, ()),
-    ]
+    models = models or params.grid.models
+    settings = grid_settings(params, methods, bits, models)
+    trains = {str(Path(getattr(params, sec).out_dir)): sec for sec in TRAIN_SECTIONS}
+    upstream = [(params.data.path, prepare_data_flow, ())]
+    for model in models:
+        fp_dir = str(Path(params.model.root) / model)
+        if fp_dir in trains and trains[fp_dir].startswith("train_ldm"):
+            upstream.append((params.autoencoder.out_dir, train_autoencoder_flow, ()))
+        if fp_dir in trains:
+            upstream.append((fp_dir, train_fp_flow, (trains[fp_dir],)))
+    upstream += [(params.classifier.path, train_classifier_flow, ()), (params.reference.dir, reference_stats_flow, ())]
+    upstream += [(str(Path(params.calib_data.dir) / m), calib_data_flow, (m,)) for m in models]
+    done: set[str] = set()
     for out, flow_, args in upstream:
-        if rebuild or _missing(out):
+        if out not in done and (rebuild or _missing(out)):
             run_flow(flow_, params, *args)
+        done.add(out)
     run_flow(evaluate_flow, unquantized_setting(params, "real"), params)
-    run_flow(evaluate_flow, unquantized_setting(params, "fp"), params)
+    for model in models:
+        run_flow(evaluate_flow, unquantized_setting(params, "fp", model=model), params)
     for setting in settings:
-        logger().info("setting %s", setting.name)
+        logger().info("setting %s/%s", setting.model, setting.name)
         run_flow(quantize_and_evaluate, setting, params)
     return run_flow(report_flow, params)
 

@@ -16,6 +16,7 @@ from prefect import flow
 from flows.checks import reference_file
 from flows.params import Params
 from tasks.setting import Setting
+from tasks import autoencoder as ae_tasks
 from tasks import calibration as calib_tasks
 from tasks import classifier as clf_tasks
 from tasks import data as data_tasks
@@ -53,7 +54,15 @@ def prepare_data_flow(params: Params) -> str:
 
 @flow(name="train-fp", **_OBJECTS)
 def train_fp_flow(params: Params, section: str = "train_fp") -> str:
+    if section.startswith("train_ldm"):  # a latent UNet on the autoencoder's latents -> an LDMPipeline folder
+        return call(train_tasks.train_latent, getattr(params, section), params.data.path, section,
+                    params.autoencoder.out_dir, params.sampler.guidance_scale)
     return call(train_tasks.train_fp, getattr(params, section), params.data.path, section)
+
+
+@flow(name="train-autoencoder", **_OBJECTS)
+def train_autoencoder_flow(params: Params) -> str:
+    return call(ae_tasks.train_autoencoder, params.autoencoder, params.data.path)
 
 
 @flow(name="train-classifier", **_OBJECTS)
@@ -67,18 +76,24 @@ def reference_stats_flow(params: Params) -> str:
 
 
 @flow(name="calib-data", **_OBJECTS)
-def calib_data_flow(params: Params) -> str:
-    return call(calib_tasks.calib_data, params.calib_data, params.sampler, params.model.fp_dir)
+def calib_data_flow(params: Params, model: str | None = None) -> str:
+    """Record the FP trajectories of ``<model.root>/<model>`` (default ``model.name``) into ``<calib_data.dir>/<model>``."""
+    from pathlib import Path
+
+    model = model or params.model.name
+    return call(calib_tasks.calib_data, params.calib_data, params.sampler, str(Path(params.model.root) / model),
+                str(Path(params.calib_data.dir) / model))
 
 
 def _run_name(kind: str) -> Callable[[], str]:
-    """Flow-run names ``<kind>-<setting name>``: ``quantize-tfmq-W4A8``, ``quantize-exp``, ``evaluate-fp``."""
+    """Flow-run names ``<kind>-<model>-<setting name>``: ``quantize-fashion_ldm-tfmq-W4A8``, ``evaluate-real``."""
 
     def name() -> str:
         from prefect.runtime import flow_run
 
         s = flow_run.parameters["setting"]
-        return f"{kind}-{s['name'] if isinstance(s, dict) else s.name}"
+        model, sname = (s.get("model"), s["name"]) if isinstance(s, dict) else (s.model, s.name)
+        return f"{kind}-{model}-{sname}" if model else f"{kind}-{sname}"
 
     return name
 
@@ -86,7 +101,7 @@ def _run_name(kind: str) -> Callable[[], str]:
 @flow(name="quantize", flow_run_name=_run_name("quantize"), **_OBJECTS)
 def quantize_flow(setting: Setting, params: Params) -> str:
     """TIAR -> block reconstruction -> activation calibration; returns the final checkpoint path."""
-    calib = params.calib_data.out_dir
+    calib = setting.calib_dir
     tib = call(quant_tasks.recon_tib, setting, calib)
     blocks = call(quant_tasks.recon_blocks, setting, calib, tib)
     return call(quant_tasks.calibrate_activations, setting, calib, blocks)
@@ -101,8 +116,12 @@ def evaluate_flow(setting: Setting, params: Params) -> str:
                       setting.results_dir)
     else:
         scores = call(eval_tasks.sample_and_score, setting, params.eval, params.sampler, ref, clf)
+    floor = None
+    if setting.kind == "fp" and (scores.get("family") or {}).get("space") == "latent":
+        floor = call(real_tasks.score_reconstructions, setting, params.eval, params.data.path,
+                     params.reference.split, ref, clf)  # the autoencoder's floor under every latent row
     temporal = call(eval_tasks.temporal_analysis, setting, params.eval, params.sampler) if setting.quantized else {}
-    out = call(eval_tasks.write_metrics, setting, params.eval, params.sampler, scores, temporal)
+    out = call(eval_tasks.write_metrics, setting, params.eval, params.sampler, scores, temporal, floor)
     call(log_run, setting, params.mlflow, params.model_dump(exclude={"quant"}))
     return out
 

@@ -8,6 +8,10 @@
 # stage instead of ~6 s for a temporary server per process, and leaves every flow and task run in
 # $PWD/.prefect for the UI: `prefect server start --host 127.0.0.1 --analytics-off`.
 # Extra arguments go to `dvc repro` (e.g. a stage name, or -f).
+#   --quick   the quick profile instead (~10 min): `tfmq compare --config params-quick.yaml`, the
+#             whole smaller grid in one process, outputs under *-quick/ (no DVC outputs touched)
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
 source "$(dirname "$0")/env.sh"
 
 PORT="${TFMQ_PREFECT_PORT:-4200}"
@@ -30,6 +34,11 @@ if [ -z "${PREFECT_API_URL:-}" ]; then
 fi
 echo "[tfmq] Prefect API $PREFECT_API_URL; MLflow store ${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}"
 
+if [ "$QUICK" = 1 ]; then
+  python -m flows.cli compare --config params-quick.yaml
+  echo "[tfmq] quick profile: $(( $(date +%s) - T0 )) s"
+  exit 0
+fi
 mkdir -p .dvc/tmp
 export TFMQ_TIMINGS_LOG="$PWD/.dvc/tmp/stage_times-$(date +%Y%m%d-%H%M%S).jsonl"
 T1=$(date +%s)

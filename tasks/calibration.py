@@ -10,28 +10,43 @@ from __future__ import annotations
 from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
 
 
-def class_labels_for(unet, n: int):
-    """Balanced class labels (sample j gets class j mod K) for class-conditional UNets, else None."""
+def class_labels_for(unet, n: int, family=None):
+    """Balanced class labels (sample j gets class j mod K) for class-conditional UNets, else None.
+
+    K is the number of real classes: a trained null class (``family.null_class_label``) is never drawn."""
     import torch
 
-    k = getattr(unet.config, "num_class_embeds", None)
+    k = family.num_classes if family is not None and family.conditioning == "class" else \
+        getattr(unet.config, "num_class_embeds", None)
     return None if not k else torch.arange(n, dtype=torch.int64) % int(k)
 
 
+def guidance_kwargs(family, guidance_scale: float) -> dict:
+    """``sample``/``capture`` keywords of a model's classifier-free guidance: the scale (1 = none) and null class."""
+    g = family.guidance(guidance_scale)
+    return {"guidance_scale": g, "null_class_label": family.null_class_label if g > 1.0 else None}
+
+
 @pipeline_task
-def calib_data(c, s, fp_dir: str) -> str:
-    """Record the FP sampler's UNet inputs at every step (the set every method selects from); ``c``: calib_data, ``s``: sampler."""
+def calib_data(c, s, fp_dir: str, out_dir: str) -> str:
+    """Record the FP sampler's UNet inputs at every step (the set every method selects from); ``c``: calib_data,
+    ``s``: sampler. Latent models are calibrated in latent space; a guided model records the (null, conditional)
+    rows of every CFG call at ``sampler.guidance_scale``."""
     from tfmq.diffusion.calibration import capture_calibration_data
     from tfmq.diffusion.models import load_fp_model
+    from tfmq.diffusion.pipelines import read_family
     from tfmq.diffusion.sampling import make_scheduler
 
     dev = device()
+    family = read_family(fp_dir)
     unet, train_sched = load_fp_model(fp_dir, dev)
     scheduler = make_scheduler(s.name, train_sched.config)
     with timed(COMPUTE_TIMES, "calib_data"):
         calib = capture_calibration_data(
-            unet, scheduler, c.out_dir, num_samples=c.num_samples, num_inference_steps=s.num_inference_steps,
+            unet, scheduler, out_dir, num_samples=c.num_samples, num_inference_steps=s.num_inference_steps,
             batch_size=c.batch_size, seed=c.seed, eta=s.eta,
-            class_labels=class_labels_for(unet, c.num_samples), device=dev, progress=show_progress())
-    logger().info("calibration set: %d steps x %d rows -> %s", calib.num_steps, calib.rows_per_step, c.out_dir)
-    return c.out_dir
+            class_labels=class_labels_for(unet, c.num_samples, family), device=dev, progress=show_progress(),
+            **guidance_kwargs(family, s.guidance_scale))
+    logger().info("calibration set (%s): %d steps x %d rows -> %s", family.name, calib.num_steps, calib.rows_per_step,
+                  out_dir)
+    return out_dir

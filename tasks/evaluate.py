@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
-from tasks.calibration import class_labels_for
+from tasks.calibration import class_labels_for, guidance_kwargs
 from tasks.setting import Setting
 
 
@@ -31,6 +31,19 @@ def load_unet(fp_dir: str, checkpoint: str | None):
     return unet, train_sched
 
 
+def load_model(fp_dir: str, checkpoint: str | None):
+    """The model folder (``tfmq.diffusion.pipelines.DiffusionModel``: UNet, scheduler, FP autoencoder, family);
+    with a checkpoint, its UNet is the quantized one (the autoencoder always stays FP)."""
+    from tfmq.diffusion.pipelines import load_diffusion_model
+
+    model = load_diffusion_model(fp_dir, device())
+    if checkpoint is not None:
+        import tfmq
+
+        model.unet = tfmq.load(checkpoint, model.unet, device=device())
+    return model
+
+
 def _sampler(sampler, train_sched):
     from tfmq.diffusion.sampling import make_scheduler
 
@@ -43,22 +56,27 @@ def _jsonable(obj: Any) -> Any:
 
 @pipeline_task
 def sample_and_score(setting: Setting, e, sampler, reference: str, classifier: str) -> dict[str, Any]:
-    """Sample ``eval.num_samples`` images, save a grid, compute FID/sFID/KID/IS (and the domain IS)."""
+    """Sample ``eval.num_samples`` images (latents decoded by the FP autoencoder; class-conditional models with
+    classifier-free guidance at ``sampler.guidance_scale``), save a grid, compute FID/sFID/KID/IS (and the domain IS)."""
     from tfmq.diffusion.data import to_uint8
     from tfmq.diffusion.sampling import sample, save_grid
 
     dev, prog = device(), show_progress()
-    unet, train_sched = load_unet(setting.fp_dir, setting.checkpoint)
-    labels = class_labels_for(unet, e.num_samples)
+    model = load_model(setting.fp_dir, setting.checkpoint)
+    labels = class_labels_for(model.unet, e.num_samples, model.family)
+    guide = guidance_kwargs(model.family, sampler.guidance_scale)
     times: dict[str, float] = {}
     with timed(times, "sample"), timed(COMPUTE_TIMES, "sample"):
-        x = sample(unet, _sampler(sampler, train_sched), e.num_samples, sampler.num_inference_steps, e.batch_size,
-                   e.seed, eta=sampler.eta, class_labels=labels, device=dev, progress=prog)
+        x = sample(model.unet, _sampler(sampler, model.scheduler), e.num_samples, sampler.num_inference_steps,
+                   e.batch_size, e.seed, eta=sampler.eta, class_labels=labels, device=dev, progress=prog, **guide)
+    with timed(times, "decode"), timed(COMPUTE_TIMES, "decode"):
+        x = model.to_images(x)
     images = to_uint8(x)
     save_grid(x[: e.grid_images], Path(setting.results_dir) / "plots" / "samples.png", nrow=8, scale=2)
     scores, domain = score_images(images, labels, e, reference, classifier, times)
     logger().info("sampled %d images in %.1f s, metrics in %.1f s", len(images), times["sample"], times["metrics"])
-    return _jsonable({"scores": scores, "domain": domain, "times": times})
+    return _jsonable({"scores": scores, "domain": domain, "times": times, "family": model.family.to_json(),
+                      "guidance_scale": guide["guidance_scale"]})
 
 
 def score_images(images, labels, e, reference: str, classifier: str, times: dict[str, float]):
@@ -126,15 +144,12 @@ def _first(values: dict[str, Any], *prefixes: str) -> Any:
 
 
 @pipeline_task
-def write_metrics(setting: Setting, e, sampler, scored: dict[str, Any], temporal: dict[str, Any]) -> str:
-    """Merge scores, temporal summary and quantization wall times into one DVC metrics JSON (``setting.metrics_path``)."""
-    from tfmq.io import atomic_write_json
-
+def score_fields(scored: dict[str, Any]) -> dict[str, Any]:
+    """The metric fields of one scored image set (FID with interval, sFID, KID, IS and the domain IS)."""
     sc = scored["scores"]
     v, det = sc["values"], sc["metrics"]
     domain = scored.get("domain") or {}
     m: dict[str, Any] = {
-        "setting": setting.name, "method": setting.method, "bits": setting.bits,
         "extractor": sc["extractor"], "extractor_label": sc["extractor_label"],
         "fid": _first(v, "fid"), "fid_ci_low": _first(v, "fid_ci95_low"), "fid_ci_high": _first(v, "fid_ci95_high"),
         "sfid": _first(v, "sfid", "sfid_proxy"), "sfid_label": det.get("sfid", {}).get("label"),
@@ -150,13 +165,38 @@ def write_metrics(setting: Setting, e, sampler, scored: dict[str, Any], temporal
             m["class_accuracy"] = domain["class_accuracy"]
     else:
         m.update(is_mean=m["is_imagenet_mean"], is_std=m["is_imagenet_std"], is_label=det.get("is", {}).get("label"))
-    m.update({
-        "num_samples": sc["n_fake"], "reference": f"{sc['reference']['split']} split, n={sc['reference']['n']}",
+    m["num_samples"] = sc["n_fake"]
+    if scored.get("reconstruction"):  # the autoencoder floor: PSNR of the reconstructions
+        m.update(scored["reconstruction"])
+    return m
+
+
+@pipeline_task
+def write_metrics(setting: Setting, e, sampler, scored: dict[str, Any], temporal: dict[str, Any],
+                  floor: dict[str, Any] | None = None) -> str:
+    """Merge scores, temporal summary and quantization wall times into one DVC metrics JSON (``setting.metrics_path``);
+    ``floor``: a latent FP row's autoencoder reconstruction scores (``autoencoder_floor``)."""
+    from tfmq.io import atomic_write_json
+
+    sc = scored["scores"]
+    family = scored.get("family") or {}
+    m: dict[str, Any] = {
+        "setting": setting.name, "method": setting.method, "bits": setting.bits, "model": setting.model,
+        "family": family.get("name"), "conditioning": family.get("conditioning"),
+        "guidance_scale": scored.get("guidance_scale"),
+        "autoencoder": (f"{family['autoencoder']}/ (full precision, never quantized)"
+                        if family.get("autoencoder") else None),
+        **score_fields(scored),
+    }
+    m.update({ "reference": f"{sc['reference']['split']} split, n={sc['reference']['n']}",
         "sampler": sampler.name, "num_inference_steps": sampler.num_inference_steps, "eta": sampler.eta,
         "seed": e.seed,
         "device": device(), "eval_time_sample_s": scored["times"].get("sample"),
         "eval_time_metrics_s": scored["times"].get("metrics"),
+        "eval_time_decode_s": scored["times"].get("decode"),
     })
+    if floor is not None:
+        m["autoencoder_floor"] = score_fields(floor)
     if temporal:
         m.update({k: v2 for k, v2 in temporal.get("summary", {}).items()})
     quant_dir = setting.quant_dir

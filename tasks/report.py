@@ -1,4 +1,4 @@
-"""Results table: real images + FP + methods x bits, columns FID, sFID, KID, IS with the extractor named.
+"""Results tables: per model family, real images + autoencoder floor + FP + methods x bits, with the extractor named.
 
 Numbers from different feature extractors never share a column: the table refuses to mix them
 (the header names the one extractor every row used).
@@ -41,26 +41,65 @@ def _is_cell(m: dict[str, Any]) -> str:
     return f"{m['is_mean']:.2f} ± {m.get('is_std', 0.0):.2f}"
 
 
-def build_table(out_dir: str, grid) -> tuple[str, list[dict[str, Any]]]:
-    """Markdown of the grid's metrics.json files under ``<eval.out_dir>/metrics`` (missing settings show as 'not run')."""
-    results = Path(out_dir) / "metrics"
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _model_rows(results: Path, model: str, grid) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """(method, bits, metrics) of one model: autoencoder floor (latent), FP, then bits x methods."""
     rows: list[tuple[str, str, dict[str, Any] | None]] = []
-    real_path = results / "real.json"  # the real-data row (optional: an older run has none)
-    if real_path.is_file():
-        rows.append(("real images", "-", json.loads(real_path.read_text())))
-    fp_path = results / "fp.json"
-    rows.append(("FP", "W32A32", json.loads(fp_path.read_text()) if fp_path.is_file() else None))
+    fp = _load(results / model / "fp.json")
+    if fp is not None and fp.get("autoencoder_floor"):
+        rows.append(("autoencoder recon.", "FP", fp["autoencoder_floor"]))
+    rows.append(("FP", "W32A32", fp))
     for bits in grid.bits:
         for method in grid.methods:
-            p = results / f"{method}-{bits}.json"
-            rows.append((method, bits, json.loads(p.read_text()) if p.is_file() else None))
-    present = [m for _, _, m in rows if m]
+            rows.append((method, bits, _load(results / model / f"{method}-{bits}.json")))
+    return rows
+
+
+def _family(rows) -> dict[str, Any]:
+    return next((m for _, _, m in rows if m and m.get("conditioning")), {})
+
+
+def _summary_table(title: str, models: list[str], per_model: dict, real: dict | None, cols: tuple[str, ...]) -> list[str]:
+    """The paper's layout: one column group per model (``cols`` of FID/sFID/IS), rows = methods x bits."""
+    cell = {"FID": _fid_cell, "sFID": lambda m: _fmt(m.get("sfid")), "IS": _is_cell}
+    head = "| Method | Bits | " + " | ".join(f"{model}: {c}" for model in models for c in cols) + " |"
+    lines = [title, "", head, "|---|---|" + "---|" * (len(models) * len(cols))]
+    keys: list[tuple[str, str]] = [("real images", "-")]
+    for model in models:
+        for method, bits, _ in per_model[model]:
+            if (method, bits) not in keys:
+                keys.append((method, bits))
+    for method, bits in keys:
+        cells = []
+        for model in models:
+            m = real if method == "real images" else next((r for mm, b, r in per_model[model] if (mm, b) == (method, bits)), None)
+            absent = method == "autoencoder recon." and not any(mm == method for mm, _, _ in per_model[model])
+            cells += ["-" if absent else ("not run" if m is None else cell[c](m)) for c in cols]
+        lines.append(f"| {method} | {bits} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def build_table(out_dir: str, grid) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown of the grid's metrics files under ``<eval.out_dir>/metrics/<model>/`` (missing settings show as
+    'not run'): table 1 (unconditional models, FID and sFID per model), table 2a (class-conditional: IS, FID,
+    sFID), then one detailed table per model (KID, IS, temporal error, quantization time)."""
+    results = Path(out_dir) / "metrics"
+    real = _load(results / "real.json")  # the real-data row (optional: an older run has none)
+    per_model = {model: _model_rows(results, model, grid) for model in grid.models}
+    present = [m for rows in per_model.values() for _, _, m in rows if m] + ([real] if real else [])
     extractors = sorted({m.get("extractor", "unknown") for m in present})
     if len(extractors) > 1:
         raise ValueError(f"metrics from different extractors {extractors} cannot share a table; re-run the "
                          "evaluate stages with one eval.extractor")
     ref = present[0] if present else {}
     fid_label = ref.get("extractor_label", ref.get("extractor", "?"))
+    fams = {model: _family(rows) for model, rows in per_model.items()}
+    uncond = [m for m in grid.models if fams[m].get("conditioning", "none") == "none"]
+    cond = [m for m in grid.models if fams[m].get("conditioning") == "class"]
+    guided = next((fams[m].get("guidance_scale") for m in cond if fams[m].get("guidance_scale")), None)
     lines = [
         "# TFMQ-DM results",
         "",
@@ -69,29 +108,50 @@ def build_table(out_dir: str, grid) -> tuple[str, list[dict[str, Any]]]:
         f"- {ref.get('num_samples', '?')} samples per row vs {ref.get('reference', '?')}; sampler "
         f"{ref.get('sampler', '?')} {ref.get('num_inference_steps', '?')} steps, eta {ref.get('eta', '?')}; "
         "FID with a 95 % bootstrap interval, KID x 1e3",
+        "- models: " + "; ".join(f"{m} ({fams[m].get('family', '?')}"
+                                  + (f", CFG scale {fams[m].get('guidance_scale')}" if fams[m].get("conditioning") == "class" else "")
+                                  + ")" for m in grid.models),
+        "- latent models: only the UNet is quantized; the autoencoder stays in full precision and every metric is "
+        "computed on decoded images. Their `autoencoder recon.` row (the real images encoded and decoded) is the "
+        "floor every latent row sits on",
         "- temporal error = mean over timesteps and resnets of 1 - cos(emb_{t,i}, emb^q_{t,i}), x 1e4 "
-        "(the poster's temporal feature error; per-timestep curves in results/<setting>/temporal.csv)",
-        *([f"- real images = {rows[0][2].get('num_samples', '?')} real images from the split the reference "
+        "(the poster's temporal feature error; per-timestep curves in results/<model>/<setting>/temporal.csv)",
+        *([f"- real images = {real.get('num_samples', '?')} real images from the split the reference "
             "does not use, scored like samples: the floor of each metric at this N (FID is biased upwards "
-            "at small N, so read every FID as a distance above this row)"] if real_path.is_file() else []),
+            "at small N, so read every FID as a distance above this row)"] if real else []),
         "- quantization is simulated (fake-quant), so no speed or memory claims; quant time = wall seconds on "
         f"{ref.get('device', '?')}",
         "",
-        f"| Method | Bits | FID ({ref.get('extractor', '?')}) | sFID | KID | IS | temporal error | quant time (s) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    if uncond:
+        lines += _summary_table("## Table 1: unconditional generation (FID / sFID)", uncond, per_model, real,
+                                ("FID", "sFID"))
+    if cond:
+        scale = f", classifier-free guidance scale {guided}" if guided else ""
+        lines += _summary_table(f"## Table 2a: class-conditional generation (IS / FID / sFID{scale})", cond,
+                                per_model, real, ("IS", "FID", "sFID"))
     table = []
-    for method, bits, m in rows:
-        if m is None:
-            lines.append(f"| {method} | {bits} | not run | | | | | |")
-            continue
-        lines.append(
-            f"| {method} | {bits} | {_fid_cell(m)} | {_fmt(m.get('sfid'))} | {_kid_cell(m)} | {_is_cell(m)} | "
-            f"{_temporal_cell(m) if method not in ('FP', 'real images') else '-' if method != 'FP' else '0'} | "
-            f"{_fmt(m.get('quant_time_total_s'), 0) if method not in ('FP', 'real images') else '-'} |"
-        )
-        table.append({"method": method, "bits": bits, **{k: v for k, v in m.items() if k != "per_timestep"}})
-    return "\n".join(lines) + "\n", table
+    for model in grid.models:
+        fam = fams[model]
+        lines += [f"## {model} ({fam.get('family', '?')}): all metrics", "",
+                  f"| Method | Bits | FID ({ref.get('extractor', '?')}) | sFID | KID | IS | temporal error | quant time (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        rows = ([("real images", "-", real)] if real else []) + per_model[model]
+        for method, bits, m in rows:
+            if m is None:
+                lines.append(f"| {method} | {bits} | not run | | | | | |")
+                continue
+            unq = method in ("FP", "real images", "autoencoder recon.")
+            extra = f" (PSNR {m['psnr_db']:.2f} dB)" if m.get("psnr_db") is not None else ""
+            lines.append(
+                f"| {method}{extra} | {bits} | {_fid_cell(m)} | {_fmt(m.get('sfid'))} | {_kid_cell(m)} | {_is_cell(m)} | "
+                f"{'0' if method == 'FP' else '-' if unq else _temporal_cell(m)} | "
+                f"{'-' if unq else _fmt(m.get('quant_time_total_s'), 0)} |"
+            )
+            table.append({"model": model, "method": method, "bits": bits,
+                          **{k: v for k, v in m.items() if k != "per_timestep"}})
+        lines.append("")
+    return "\n".join(lines), table
 
 
 @pipeline_task

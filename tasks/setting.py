@@ -1,8 +1,10 @@
 """One row of the results table as ONE immutable object, built where a run starts (CLI or ``compare``).
 
 A :class:`Setting` holds everything that names and places a (model, method, bits) run: its
-``tfmq.QuantConfig`` (the ``quant`` section with method and bits replaced, built once), its
-checkpoint and results directories and its metrics path. The flows pass it to the tasks and the
+``tfmq.QuantConfig`` (the ``quant`` section with method and bits replaced, built once), its model
+folder ``<model.root>/<model>``, calibration set ``<calib_data.dir>/<model>``, checkpoint and results
+directories ``quant/<model>/<name>``, ``results/<model>/<name>`` and metrics path
+``results/metrics/<model>/<name>.json``. The flows pass it to the tasks and the
 tasks pass ``setting.config`` to ``tfmq``; nothing downstream re-parses bits or re-builds the config.
 Bits are parsed by ``tfmq.parse_bits`` and named by ``QuantConfig.bits_name`` only.
 """
@@ -32,14 +34,16 @@ class Setting:
     unquantized rows.
     """
 
-    name: str  # tfmq-W4A8, exp, fp, real: the file name under quant/, results/ and results/metrics/
+    name: str  # tfmq-W4A8, exp, fp, real: the file name under quant/<model>/, results/<model>/, results/metrics/<model>/
     kind: str  # "quantized" | "fp" | "real"
     method: str
     bits: str
-    fp_dir: str  # model.fp_dir: the FP diffusers folder every row starts from
-    quant_dir: str | None  # quant/<name> (quantized only)
-    results_dir: str  # results/<name>: plots/, temporal.csv
-    metrics_path: str  # results/metrics/<name>.json: the DVC metrics file
+    model: str  # the model folder's name under model.root ("" for the real-data row)
+    fp_dir: str  # <model.root>/<model>: the FP diffusers folder every row of this model starts from
+    calib_dir: str | None  # <calib_data.dir>/<model>: its FP calibration trajectories
+    quant_dir: str | None  # quant/<model>/<name> (quantized only)
+    results_dir: str  # results/<model>/<name>: plots/, temporal.csv
+    metrics_path: str  # results/metrics/<model>/<name>.json: the DVC metrics file
     config: QuantConfig | None = None
 
     @property
@@ -62,9 +66,26 @@ def _checked_name(name: str) -> str:
     return name
 
 
+def model_name(params: "Params", model: str | None) -> str:
+    """``--model`` (default ``model.name``), refused unless it is a plain folder name under ``model.root``."""
+    model = params.model.name if model is None else model
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model):
+        raise SettingError(f"--model={model!r}: expected a folder name under model.root={params.model.root!r}, "
+                           f"e.g. {params.model.name}")
+    return model
+
+
+def _places(params: "Params", model: str, name: str) -> dict[str, str]:
+    return {"model": model, "fp_dir": str(Path(params.model.root) / model),
+            "calib_dir": str(Path(params.calib_data.dir) / model),
+            "results_dir": str(Path(params.eval.out_dir) / model / name),
+            "metrics_path": str(Path(params.eval.out_dir) / "metrics" / model / f"{name}.json")}
+
+
 def quantized_setting(params: "Params", method: str | None = None, bits: str | None = None,
-                      name: str | None = None) -> Setting:
-    """The setting of ``method``/``bits`` (default: the ``quant`` section's own), named ``<method>-<bits>``."""
+                      name: str | None = None, model: str | None = None) -> Setting:
+    """The setting of ``method``/``bits`` (default: the ``quant`` section's own) on ``model`` (default:
+    ``model.name``), named ``<method>-<bits>``."""
     q = dict(params.quant)
     if method is not None:
         q["method"] = method
@@ -75,21 +96,27 @@ def quantized_setting(params: "Params", method: str | None = None, bits: str | N
     except ValueError as e:  # the quant section itself is valid, so method or bits is to blame
         raise SettingError(f"{e} (setting method={q['method']!r} bits={bits!r})") from None
     name = _checked_name(name or f"{config.method}-{config.bits_name}")
+    model = model_name(params, model)
     return Setting(name=name, kind="quantized", method=config.method, bits=config.bits_name,
-                   fp_dir=params.model.fp_dir, quant_dir=str(Path(params.quant_out.dir) / name),
-                   results_dir=str(Path(params.eval.out_dir) / name),
-                   metrics_path=str(Path(params.eval.out_dir) / "metrics" / f"{name}.json"), config=config)
+                   quant_dir=str(Path(params.quant_out.dir) / model / name), config=config,
+                   **_places(params, model, name))
 
 
-def unquantized_setting(params: "Params", kind: str, name: str | None = None) -> Setting:
-    """``kind="fp"``: the FP model's row; ``kind="real"``: real images scored like samples (the floor)."""
+def unquantized_setting(params: "Params", kind: str, name: str | None = None, model: str | None = None) -> Setting:
+    """``kind="fp"``: the FP model's row; ``kind="real"``: real images scored like samples (the floor, one for
+    all models: results/metrics/real.json)."""
     method, bits = {"fp": ("fp", "W32A32"), "real": ("real", "data")}[kind]
     name = _checked_name(name or kind)
-    return Setting(name=name, kind=kind, method=method, bits=bits, fp_dir=params.model.fp_dir, quant_dir=None,
-                   results_dir=str(Path(params.eval.out_dir) / name),
-                   metrics_path=str(Path(params.eval.out_dir) / "metrics" / f"{name}.json"))
+    if kind == "real":
+        return Setting(name=name, kind=kind, method=method, bits=bits, model="", fp_dir="", calib_dir=None,
+                       quant_dir=None, results_dir=str(Path(params.eval.out_dir) / name),
+                       metrics_path=str(Path(params.eval.out_dir) / "metrics" / f"{name}.json"))
+    return Setting(name=name, kind=kind, method=method, bits=bits, quant_dir=None,
+                   **_places(params, model_name(params, model), name))
 
 
-def grid_settings(params: "Params", methods: list[str] | None = None, bits: list[str] | None = None) -> list[Setting]:
-    """The method x bits grid (default: ``grid.*``), bits outer as in the results table."""
-    return [quantized_setting(params, m, b) for b in (bits or params.grid.bits) for m in (methods or params.grid.methods)]
+def grid_settings(params: "Params", methods: list[str] | None = None, bits: list[str] | None = None,
+                  models: list[str] | None = None) -> list[Setting]:
+    """The model x method x bits grid (default: ``grid.*``), models outer, then bits, as in the results tables."""
+    return [quantized_setting(params, m, b, model=mod) for mod in (models or params.grid.models)
+            for b in (bits or params.grid.bits) for m in (methods or params.grid.methods)]

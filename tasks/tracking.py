@@ -100,6 +100,8 @@ def _log_run(setting: Setting, section, pipeline_params: dict[str, Any]) -> str:
     tags = {
         "git_commit": git_commit(),
         "setting": setting.name,
+        "model": setting.model,
+        "family": str(metrics.get("family")),
         "method": setting.method,
         "bits": setting.bits,
         "extractor": str(metrics.get("extractor", "unknown")),
@@ -110,7 +112,8 @@ def _log_run(setting: Setting, section, pipeline_params: dict[str, Any]) -> str:
     run_params = setting.config.to_dict() if setting.config is not None else {}
     all_params = {**flatten({k: v for k, v in pipeline_params.items() if k != "quant"}),
                   **flatten(run_params, "quant.")}
-    with mlflow.start_run(run_name=setting.name) as run:
+    run_name = f"{setting.model}/{setting.name}" if setting.model else setting.name
+    with mlflow.start_run(run_name=run_name) as run:
         mlflow.set_tags(tags)
         # MLflow params are immutable strings of <= 6000 chars; json keeps lists readable.
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in all_params.items()})

@@ -1,4 +1,4 @@
-"""FP training task: the embedded default DDPM (issue 3), unconditional or class-conditional.
+"""FP training tasks: the embedded pixel DDPMs, the VQ autoencoder and the latent UNets on its latents.
 
 Training costs ~20 min of CPU, so the trained checkpoints are committed (DVC outs with
 ``cache: false``) and a fresh clone re-uses them; ``dvc repro -f train_fp`` re-trains.
@@ -20,5 +20,22 @@ def train_fp(cfg_section, data_path: str, section: str = "train_fp") -> str:
     d = load_dataset(data_path)
     with timed(COMPUTE_TIMES, section):
         log = train_ddpm(d["train_images"], d["train_labels"], cfg, out_dir, device=device(), progress=show_progress())
+    logger().info("%s: %d steps, final loss %s -> %s", section, cfg.steps, log.get("final_loss"), out_dir)
+    return out_dir
+
+
+@pipeline_task
+def train_latent(cfg_section, data_path: str, section: str, autoencoder_dir: str, guidance_scale: float) -> str:
+    """Train a latent UNet (``train_ldm`` / ``train_ldm_class``) on the autoencoder's latents; an LDMPipeline folder."""
+    from tfmq.diffusion.data import load_dataset
+    from tfmq.diffusion.training import TrainConfig, train_latent_ddpm
+
+    cfg_d = cfg_section.model_dump()
+    out_dir = cfg_d.pop("out_dir")
+    cfg = TrainConfig(**cfg_d)
+    d = load_dataset(data_path)
+    with timed(COMPUTE_TIMES, section):
+        log = train_latent_ddpm(d["train_images"], d["train_labels"], cfg, autoencoder_dir, out_dir,
+                                guidance_scale=guidance_scale, device=device(), progress=show_progress())
     logger().info("%s: %d steps, final loss %s -> %s", section, cfg.steps, log.get("final_loss"), out_dir)
     return out_dir

@@ -1,8 +1,9 @@
 """Shared pieces of the pipeline tests: a synthetic IDX dataset, a micro params.yaml, a copied workspace.
 
 The micro config keeps every stage real (the same flows, tasks and library calls as the default
-run) but tiny: a 28x28 UNet with (8, 16, 16) channels trained 2 steps, a 4-step DDIM sampler, 2
-reconstruction iterations, 16 evaluation samples.
+run) but tiny: a 28x28 UNet with (8, 16, 16) channels trained 2 steps, a VQ autoencoder of 8 channels
+and two latent UNets of the same size (LDMPipeline folders), a 4-step DDIM sampler, 2 reconstruction
+iterations, 16 evaluation samples.
 """
 from __future__ import annotations
 
@@ -42,15 +43,18 @@ def write_idx_dataset(root: Path, n_train: int = 64, n_test: int = 32, seed: int
     return root
 
 
-def micro_params(data_root: Path, mlflow_uri: str, methods: list[str], bits: list[str]) -> dict[str, Any]:
-    """The repo's params.yaml with every size shrunk (same keys, so it passes the same validation)."""
+def micro_params(data_root: Path, mlflow_uri: str, methods: list[str], bits: list[str],
+                 models: list[str] | None = None) -> dict[str, Any]:
+    """The repo's params.yaml with every size shrunk (same keys, so it passes the same validation);
+    ``models``: grid.models (default: the repo's, i.e. pixel, latent and class-conditional latent)."""
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     p = copy.deepcopy(p)
     p["data"].update(root=str(data_root), check_counts=False)
     tiny_unet = {"block_out_channels": [8, 16, 16], "norm_num_groups": 8}
-    for sec in ("train_fp", "train_fp_class"):
-        p[sec].update(steps=2, batch_size=8, warmup_steps=1, unet=tiny_unet, log_every=1, sample_every=0,
-                      num_sample_images=4, sample_steps=2)
+    for sec in ("train_fp", "train_fp_class", "train_ldm", "train_ldm_class"):
+        p[sec].update(steps=2, batch_size=8, warmup_steps=1, unet={**p[sec]["unet"], **tiny_unet}, log_every=1,
+                      sample_every=0, num_sample_images=4, sample_steps=2)
+    p["autoencoder"].update(block_out_channels=[8, 8, 8], num_vq_embeddings=16, steps=2, batch_size=8)
     p["classifier"].update(epochs=1, batch_size=32)
     p["sampler"].update(num_inference_steps=4)
     p["calib_data"].update(num_samples=8, batch_size=8)
@@ -63,7 +67,7 @@ def micro_params(data_root: Path, mlflow_uri: str, methods: list[str], bits: lis
     p["reference"].update(num_images=32)
     p["eval"].update(num_samples=16, batch_size=16, num_bootstrap=4, grid_images=8, temporal_samples=2,
                      activation_layers=2)
-    p["grid"].update(methods=methods, bits=bits)
+    p["grid"].update(methods=methods, bits=bits, models=models or p["grid"]["models"])
     p["mlflow"].update(experiment="micro", tracking_uri=mlflow_uri)
     return p
 

@@ -30,12 +30,13 @@ def _cfg(tmp_path: Path, **changes) -> str:
     return str(p)
 
 
-def _fake_fp_dir(tmp_path: Path) -> str:
-    d = tmp_path / "fp"
+def _fake_fp_dir(tmp_path: Path) -> dict:
+    """A minimal pixel model folder ``<tmp>/models/fp``; returns the ``_cfg`` changes that point params at it."""
+    d = tmp_path / "models" / "fp"
     (d / "unet").mkdir(parents=True)
     (d / "scheduler").mkdir()
     (d / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    return str(d)
+    return {"model__root": str(tmp_path / "models"), "model__name": "fp", "grid__models": ["fp"]}
 
 
 def _refused(capsys, argv: list[str]) -> str:
@@ -64,15 +65,29 @@ def test_bad_name(capsys):
 
 
 def test_missing_fp_dir(capsys, tmp_path):
-    cfg = _cfg(tmp_path, model__fp_dir=str(tmp_path / "nope"))
+    cfg = _cfg(tmp_path, model__root=str(tmp_path / "nope"))
     for argv in (["quantize", "--method", "tfmq", "--bits", "W4A8"], ["check"], ["calib-data"], ["evaluate", "--fp"]):
         line = _refused(capsys, [*argv, "--config", cfg])
-        assert "model.fp_dir=" in line and str(tmp_path / "nope") in line, argv
+        assert "model.root/model.name=" in line and str(tmp_path / "nope" / "fashion_ddpm") in line, argv
+    line = _refused(capsys, ["quantize", "--model", "fashion_ldm", "--method", "tfmq", "--bits", "W4A8", "--config", cfg])
+    assert "model.root/fashion_ldm=" in line and str(tmp_path / "nope" / "fashion_ldm") in line
+    assert "--model='../x'" in _refused(capsys, ["calib-data", "--model", "../x"])
+
+
+def test_ldm_folder_missing_a_component(capsys, tmp_path):
+    """An LDMPipeline folder whose model_index.json lists vqvae/ that is not there: one line, before any work."""
+    changes = _fake_fp_dir(tmp_path)
+    d = tmp_path / "models" / "fp"
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                                    "vqvae": ["diffusers", "VQModel"],
+                                                    "scheduler": ["diffusers", "DDIMScheduler"]}))
+    line = _refused(capsys, ["calib-data", "--config", _cfg(tmp_path, **changes)])
+    assert "lacks vqvae/" in line and str(d) in line
 
 
 def test_missing_dataset(capsys, tmp_path):
     cfg = _cfg(tmp_path, data__root=str(tmp_path / "no-idx"), data__path=str(tmp_path / "no.safetensors"),
-               model__fp_dir=_fake_fp_dir(tmp_path))
+               **_fake_fp_dir(tmp_path))
     line = _refused(capsys, ["check", "--config", cfg])
     assert "data.root=" in line and "train-images-idx3-ubyte" in line
     line = _refused(capsys, ["train-classifier", "--config", cfg])
@@ -94,9 +109,12 @@ def test_check_success_prints_what_the_run_uses(capsys):
     assert main(["check"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "params.yaml: OK"
-    assert out[1] == "model.fp_dir: models/fashion_ddpm (UNet2DModel)"
-    assert out[3] == "extractor: efficientnet-lite0-112"
-    assert out[4].startswith("settings: 15 (naive-W8A8, freeze-W8A8,") and out[4].endswith("tfmq-W4A32)")
+    assert out[1:4] == ["model fashion_ddpm: models/fashion_ddpm (pixel, UNet2DModel)",
+                        "model fashion_ldm: models/fashion_ldm (latent, UNet2DModel)",
+                        "model fashion_ldm_class: models/fashion_ldm_class (latent-class, UNet2DModel)"]
+    assert out[5] == "extractor: efficientnet-lite0-112"
+    assert out[6].startswith("settings: 30 (fashion_ddpm/naive-W8A8, fashion_ddpm/freeze-W8A8,")
+    assert out[6].endswith("fashion_ldm_class/tfmq-W4A8)")
 
 
 # --- a truncated or foreign checkpoint ----------------------------------------------------------
@@ -107,7 +125,7 @@ def _eval_workspace(tmp_path: Path) -> str:
     refdir.mkdir()
     (refdir / "test_efficientnet-lite0-112.safetensors").write_bytes(b"x")
     clf.mkdir()
-    return _cfg(tmp_path, model__fp_dir=_fake_fp_dir(tmp_path), reference__dir=str(refdir),
+    return _cfg(tmp_path, **_fake_fp_dir(tmp_path), reference__dir=str(refdir),
                 classifier__path=str(clf), quant_out__dir=str(tmp_path / "quant"))
 
 
@@ -116,7 +134,7 @@ def _checkpoint(tmp_path: Path, method: str = "tfmq", weight_bits: int = 4, act_
     import tfmq
     from conftest import make_tiny_unet
 
-    d = tmp_path / "quant" / "tfmq-W4A8" / "model"
+    d = tmp_path / "quant" / "fp" / "tfmq-W4A8" / "model"
     unet = tfmq.prepare_model(make_tiny_unet(), tfmq.QuantConfig(method=method, weight_bits=weight_bits,
                                                                    act_bits=act_bits))
     tfmq.save(unet, d)
@@ -166,7 +184,7 @@ def test_checkpoint_of_another_setting(capsys, tmp_path):
 def test_missing_checkpoint(capsys, tmp_path):
     cfg = _eval_workspace(tmp_path)
     line = _refused(capsys, [*ARGV, "--config", cfg])
-    assert str(tmp_path / "quant" / "tfmq-W4A8" / "model") in line
+    assert str(tmp_path / "quant" / "fp" / "tfmq-W4A8" / "model") in line
 
 
 # --- the real process ---------------------------------------------------------------------------

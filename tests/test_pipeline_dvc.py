@@ -21,13 +21,16 @@ STAGE_ENTRIES = {
     "prepare_data": ["tasks/data.py"],
     "train_fp": ["tasks/train.py"],
     "train_fp_class": ["tasks/train.py"],
+    "train_autoencoder": ["tasks/autoencoder.py"],
+    "train_ldm": ["tasks/train.py"],
+    "train_ldm_class": ["tasks/train.py"],
     "train_classifier": ["tasks/classifier.py"],
     "reference_stats": ["tasks/reference.py"],
     "calib_data": ["tasks/calibration.py"],
     "quantize": ["tasks/quantize.py"],
     "quantize_exp": ["tasks/quantize.py"],
     "evaluate": ["tasks/evaluate.py", "tasks/tracking.py"],
-    "evaluate_fp": ["tasks/evaluate.py", "tasks/tracking.py"],
+    "evaluate_fp": ["tasks/evaluate.py", "tasks/real.py", "tasks/tracking.py"],
     "evaluate_real": ["tasks/real.py", "tasks/tracking.py"],
     "evaluate_exp": ["tasks/evaluate.py", "tasks/tracking.py"],
     "report": ["tasks/report.py"],
@@ -118,7 +121,9 @@ def test_stage_params_exist_in_params_yaml():
 def test_grid_matrix_reads_params():
     stages = _dvc_stages()
     for name in ("quantize", "evaluate"):
-        assert stages[name]["matrix"] == {"method": "${grid.methods}", "bits": "${grid.bits}"}
+        assert stages[name]["matrix"] == {"model": "${grid.models}", "method": "${grid.methods}", "bits": "${grid.bits}"}
+    for name in ("calib_data", "evaluate_fp"):
+        assert stages[name]["matrix"] == {"model": "${grid.models}"}
 
 
 

@@ -61,56 +61,95 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+MODELS = ("fashion_ddpm", "fashion_ldm", "fashion_ldm_class")  # pixel, latent, class-conditional latent (CFG)
+
+
+def _metrics(ws: Path, model: str, name: str) -> dict:
+    path = ws / "results" / "metrics" / (f"{name}.json" if name == "real" else f"{model}/{name}.json")
+    return json.loads(path.read_text())
+
+
 def test_compare_flow_writes_every_output(compared):
     ws, table_path = compared
     assert table_path == "results/results.md"
-    table = (ws / table_path).read_text()
-    rows = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ") and "Method" not in ln]
-    assert rows == ["real images", "FP", "naive", "tfmq"]
-    for name in ("real", "fp", "naive-W4A8", "tfmq-W4A8"):
-        m = json.loads((ws / "results" / "metrics" / f"{name}.json").read_text())
-        for key in ("fid", "sfid", "kid_mean", "is_mean"):
-            assert _finite(m[key]), (name, key, m[key])
-        assert m["extractor"].startswith("efficientnet-lite0") and m["num_samples"] == 16
-        assert (ws / "results" / name / "plots" / "samples.png").is_file()
-        assert m["fid"] >= 0 and m["kid_std"] >= 0 and m["is_mean"] >= 1.0  # IS >= 1 by definition
-        if name not in ("fp", "real"):
-            # quantization moves the temporal features, but not to noise: strictly below 1, well above 0
-            assert 0.5 < m["temporal_cos_mean"] < 1.0 - 1e-6, m["temporal_cos_mean"]
-            assert m["quant_time_total_s"] == pytest.approx(sum(m[f"quant_time_{s}_s"] for s in
-                                                                ("recon_tib", "recon_blocks", "calibrate_activations")), abs=2e-3)
-            times = json.loads((ws / "quant" / name / "stage_times.json").read_text())
-            assert set(times) == {"recon_tib", "recon_blocks", "calibrate_activations"}
-            for ckpt in ("tib", "blocks", "model"):
-                assert (ws / "quant" / name / ckpt).is_dir()
-            assert (ws / "results" / name / "temporal.csv").read_text().startswith("timestep")
-    real, fp = (json.loads((ws / "results" / "metrics" / f"{n}.json").read_text()) for n in ("real", "fp"))
-    # real images are the floor: a few-step micro model is far from them on every distance
-    assert real["fid"] < fp["fid"] and real["kid_mean"] < fp["kid_mean"], (real["fid"], fp["fid"])
+    real = _metrics(ws, "", "real")
     assert real["method"] == "real" and "temporal_cos_mean" not in real
-    for name in ("naive-W4A8", "tfmq-W4A8"):
-        assert json.loads((ws / "results" / "metrics" / f"{name}.json").read_text())["fid"] > real["fid"]
+    for model in MODELS:
+        for name in ("fp", "naive-W4A8", "tfmq-W4A8"):
+            m = _metrics(ws, model, name)
+            for key in ("fid", "sfid", "kid_mean", "is_mean"):
+                assert _finite(m[key]), (model, name, key, m[key])
+            assert m["extractor"].startswith("efficientnet-lite0") and m["num_samples"] == 16
+            assert m["model"] == model and (ws / "results" / model / name / "plots" / "samples.png").is_file()
+            assert m["fid"] >= 0 and m["kid_std"] >= 0 and m["is_mean"] >= 1.0  # IS >= 1 by definition
+            assert m["fid"] > real["fid"]  # real images are the floor: a 2-step micro model is far from them
+            if name != "fp":
+                # quantization moves the temporal features, but not to noise: strictly below 1, well above 0
+                assert 0.5 < m["temporal_cos_mean"] < 1.0 - 1e-6, m["temporal_cos_mean"]
+                assert m["quant_time_total_s"] == pytest.approx(sum(m[f"quant_time_{s}_s"] for s in
+                                                                    ("recon_tib", "recon_blocks", "calibrate_activations")), abs=2e-3)
+                times = json.loads((ws / "quant" / model / name / "stage_times.json").read_text())
+                assert set(times) == {"recon_tib", "recon_blocks", "calibrate_activations"}
+                for ckpt in ("tib", "blocks", "model"):
+                    assert (ws / "quant" / model / name / ckpt).is_dir()
+                assert (ws / "results" / model / name / "temporal.csv").read_text().startswith("timestep")
+    # the family is read from each folder; the latent rows carry their FP autoencoder and its floor
+    fams = {model: _metrics(ws, model, "tfmq-W4A8") for model in MODELS}
+    assert [(f["family"], f["guidance_scale"]) for f in fams.values()] == [("pixel", 1.0), ("latent", 1.0),
+                                                                          ("latent-class", 3.0)]
+    assert fams["fashion_ddpm"]["autoencoder"] is None and "never quantized" in fams["fashion_ldm"]["autoencoder"]
+    for model in ("fashion_ldm", "fashion_ldm_class"):
+        floor = _metrics(ws, model, "fp")["autoencoder_floor"]
+        assert _finite(floor["fid"]) and floor["num_samples"] == 16 and 0 < floor["psnr_db"] < 60
+        assert floor["psnr_ci_low"] < floor["psnr_db"] < floor["psnr_ci_high"]
+        assert (ws / "results" / model / "fp" / "plots" / "reconstructions.png").is_file()
+    assert "autoencoder_floor" not in _metrics(ws, "fashion_ddpm", "fp")
+    assert 0 <= _metrics(ws, "fashion_ldm_class", "tfmq-W4A8")["class_accuracy"] <= 1
+    # CFG calibration: (null, conditional) rows of every guided call, null class = the 11th embedding
+    meta = json.loads((ws / "calib" / "fashion_ldm_class" / "meta.json").read_text())
+    assert (meta["cfg"], meta["null_class_label"], meta["guidance_scale"], meta["rows_per_step"]) == (True, 10, 3.0, 16)
+    assert json.loads((ws / "calib" / "fashion_ldm" / "meta.json").read_text())["cfg"] is False
 
 
-def _row(table: str, method: str) -> list[str]:
-    line = next(ln for ln in table.splitlines() if ln.startswith(f"| {method} |"))
-    return [c.strip() for c in line.split("|")[1:-1]]
+def _section_rows(table: str, heading: str) -> list[list[str]]:
+    lines = table.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith(heading))
+    out = []
+    for ln in lines[i + 1:]:
+        if ln.startswith("#"):
+            break
+        if ln.startswith("| ") and not ln.startswith("| Method"):
+            out.append([c.strip() for c in ln.split("|")[1:-1]])
+    return out
 
 
 def test_report_numbers_are_the_metrics_files(compared):
     """Each table cell is its metrics JSON's number, formatted: a report that mixed rows up would fail here."""
     ws, table_path = compared
     table = (ws / table_path).read_text()
-    for label, name in (("real images", "real"), ("FP", "fp"), ("naive", "naive-W4A8"), ("tfmq", "tfmq-W4A8")):
-        m = json.loads((ws / "results" / "metrics" / f"{name}.json").read_text())
-        cells = _row(table, label)
-        assert cells[2] == f"{m['fid']:.2f} [{m['fid_ci_low']:.1f}, {m['fid_ci_high']:.1f}]", (label, cells)
-        assert cells[3] == f"{m['sfid']:.2f}"
-        assert cells[4] == f"{m['kid_mean'] * 1e3:.2f} ± {m['kid_std'] * 1e3:.2f}"
-        assert cells[5] == f"{m['is_mean']:.2f} ± {m['is_std']:.2f}"
-        if name not in ("fp", "real"):
-            assert cells[6] == f"{(1 - m['temporal_cos_mean']) * 1e4:.1f}" and float(cells[6]) > 0
-            assert cells[7] == f"{m['quant_time_total_s']:.0f}"
+    for model in MODELS:
+        rows = {r[0].split(" (PSNR")[0]: r for r in _section_rows(table, f"## {model} ")}
+        expect = [("real images", "real"), ("FP", "fp"), ("naive", "naive-W4A8"), ("tfmq", "tfmq-W4A8")]
+        if model != "fashion_ddpm":
+            expect.append(("autoencoder recon.", "floor"))
+        assert set(rows) == {label for label, _ in expect}
+        for label, name in expect:
+            m = _metrics(ws, model, "fp")["autoencoder_floor"] if name == "floor" else _metrics(ws, model, name)
+            cells = rows[label]
+            assert cells[2] == f"{m['fid']:.2f} [{m['fid_ci_low']:.1f}, {m['fid_ci_high']:.1f}]", (label, cells)
+            assert cells[3] == f"{m['sfid']:.2f}"
+            assert cells[4] == f"{m['kid_mean'] * 1e3:.2f} ± {m['kid_std'] * 1e3:.2f}"
+            assert cells[5] == f"{m['is_mean']:.2f} ± {m['is_std']:.2f}"
+            if name not in ("fp", "real", "floor"):
+                assert cells[6] == f"{(1 - m['temporal_cos_mean']) * 1e4:.1f}" and float(cells[6]) > 0
+                assert cells[7] == f"{m['quant_time_total_s']:.0f}"
+    t1, t2 = _section_rows(table, "## Table 1"), _section_rows(table, "## Table 2a")
+    tf = _metrics(ws, "fashion_ldm", "tfmq-W4A8")
+    assert next(r for r in t1 if r[0] == "tfmq")[4:6] == [f"{tf['fid']:.2f} [{tf['fid_ci_low']:.1f}, {tf['fid_ci_high']:.1f}]",
+                                                        f"{tf['sfid']:.2f}"]  # the fashion_ldm column group
+    tc = _metrics(ws, "fashion_ldm_class", "tfmq-W4A8")
+    assert next(r for r in t2 if r[0] == "tfmq")[2] == f"{tc['is_mean']:.2f} ± {tc['is_std']:.2f}"
+    assert len(t1[0]) == 2 + 2 * 2 and len(t2[0]) == 2 + 3
 
 
 def test_cli_without_prefect(compared):
@@ -134,7 +173,8 @@ def test_flow_and_task_runs_recorded(compared, prefect_api):
 
     flow_runs, task_runs = asyncio.run(runs())
     names = {r.name for r in flow_runs}
-    assert {"naive-W4A8", "tfmq-W4A8", "quantize-tfmq-W4A8", "evaluate-tfmq-W4A8", "evaluate-fp", "evaluate-real"} <= names
+    assert {"fashion_ddpm-naive-W4A8", "fashion_ldm_class-tfmq-W4A8", "quantize-fashion_ddpm-tfmq-W4A8",
+            "evaluate-fashion_ldm-tfmq-W4A8", "evaluate-fashion_ldm-fp", "evaluate-real"} <= names
     assert all(r.state.is_completed() for r in flow_runs if r.name in names)
     task_names = {r.name.rsplit("-", 1)[0] for r in task_runs}
     assert {"recon_tib", "recon_blocks", "calibrate_activations", "sample_and_score", "log_run"} <= task_names
@@ -147,11 +187,13 @@ def test_mlflow_run_per_setting(compared):
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["micro"], output_format="list")
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"real", "fp", "naive-W4A8", "tfmq-W4A8"}
+    assert set(by_name) == {"real"} | {f"{m}/{n}" for m in MODELS for n in ("fp", "naive-W4A8", "tfmq-W4A8")}
     assert by_name["real"].data.tags["method"] == "real" and "temporal_cos_mean" not in by_name["real"].data.metrics
-    r = by_name["tfmq-W4A8"]
+    r = by_name["fashion_ddpm/tfmq-W4A8"]
+    assert by_name["fashion_ldm_class/tfmq-W4A8"].data.tags["family"] == "latent-class"
+    assert by_name["fashion_ldm/fp"].data.metrics["autoencoder_floor.psnr_db"] > 0
     for name, run in by_name.items():  # every numeric value of the metrics JSON, as logged
-        m = json.loads((ws / "results" / "metrics" / f"{name}.json").read_text())
+        m = _metrics(ws, *name.split("/")) if "/" in name else _metrics(ws, "", name)
         numeric = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         assert {"fid", "sfid", "kid_mean", "is_mean"} <= set(numeric)
         for key, value in numeric.items():
@@ -170,7 +212,7 @@ def test_mlflow_run_per_setting(compared):
     assert len(history) == 4  # one point per sampler timestep
     import csv
 
-    with open(ws / "results" / "tfmq-W4A8" / "temporal.csv") as f:
+    with open(ws / "results" / "fashion_ddpm" / "tfmq-W4A8" / "temporal.csv") as f:
         curve = {int(float(row["timestep"])): float(row["temporal_cos"]) for row in csv.DictReader(f)}
     assert {h.step: h.value for h in history} == pytest.approx(curve)
 
@@ -178,15 +220,15 @@ def test_mlflow_run_per_setting(compared):
 def test_cli_run_one_setting(compared):
     """``tfmq run``: quantize + evaluate one more setting (plain mode) next to the compared grid."""
     ws, _ = compared
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-prefect", "--method", "naive", "--bits",
-                        "W8A8"], cwd=ws, env=subprocess_env(TFMQ_TORCH_THREADS="1"), capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-prefect", "--model", "fashion_ldm_class",
+                        "--method", "naive", "--bits", "W8A8"], cwd=ws, env=subprocess_env(TFMQ_TORCH_THREADS="1"), capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == "results/metrics/naive-W8A8.json"
-    m = json.loads((ws / "results" / "metrics" / "naive-W8A8.json").read_text())
-    assert (m["setting"], m["method"], m["bits"]) == ("naive-W8A8", "naive", "W8A8")
+    assert r.stdout.strip().splitlines()[-1] == "results/metrics/fashion_ldm_class/naive-W8A8.json"
+    m = _metrics(ws, "fashion_ldm_class", "naive-W8A8")
+    assert (m["setting"], m["method"], m["bits"], m["family"]) == ("naive-W8A8", "naive", "W8A8", "latent-class")
     assert 0.5 < m["temporal_cos_mean"] < 1.0 and m["fid"] >= 0
-    header = json.loads((ws / "quant" / "naive-W8A8" / "model" / "quant_config.json").read_text())
+    header = json.loads((ws / "quant" / "fashion_ldm_class" / "naive-W8A8" / "model" / "quant_config.json").read_text())
     assert (header["method"], header["weight_bits"], header["act_bits"]) == ("naive", 8, 8)
     assert header["config"]["recon"]["iters"] == 2  # the micro params' value reached the library
 
@@ -204,7 +246,8 @@ def _git(ws: Path, *args: str) -> str:
 
 def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     ws = tmp_path / "repo"
-    params = micro_params(data_root, f"sqlite:///{tmp_path / 'mlflow.db'}", ["tfmq"], ["W4A8"])
+    params = micro_params(data_root, f"sqlite:///{tmp_path / 'mlflow.db'}", ["tfmq"], ["W4A8"],
+                          models=["fashion_ddpm", "fashion_ldm"])
     params["mlflow"]["experiment"] = "micro-dvc"
     make_workspace(ws, params)
     env = subprocess_env(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / ".prefect"), TFMQ_TORCH_THREADS="1")
@@ -222,13 +265,18 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.cli", "repro", "report"], cwd=ws, env=env, capture_output=True,
                        text=True, timeout=1800)
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    assert "Running stage 'quantize@tfmq-W4A8'" in r.stdout + r.stderr
+    assert "Running stage 'quantize@fashion_ldm-tfmq-W4A8'" in r.stdout + r.stderr
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
-    assert {"prepare_data", "train_fp", "calib_data", "quantize@tfmq-W4A8", "evaluate@tfmq-W4A8", "evaluate_fp",
-            "evaluate_real", "quantize_exp", "evaluate_exp", "report"} <= set(lock)
-    assert lock["quantize@tfmq-W4A8"]["params"]["params.yaml"]["quant.recon"]["iters"] == 2
+    assert {"prepare_data", "train_fp", "train_autoencoder", "train_ldm", "calib_data@fashion_ddpm",
+            "calib_data@fashion_ldm", "quantize@fashion_ddpm-tfmq-W4A8", "evaluate@fashion_ldm-tfmq-W4A8",
+            "evaluate_fp@fashion_ldm", "evaluate_real", "quantize_exp", "evaluate_exp", "report"} <= set(lock)
+    assert "train_ldm_class" not in lock  # not in this grid, so not upstream of the report
+    assert lock["quantize@fashion_ldm-tfmq-W4A8"]["params"]["params.yaml"]["quant.recon"]["iters"] == 2
+    from diffusers import LDMPipeline
+
+    assert type(LDMPipeline.from_pretrained(ws / "models" / "fashion_ldm").vqvae).__name__ == "VQModel"
     table = (ws / "results" / "results.md").read_text()
-    assert "| tfmq | W4A8 |" in table and "| FP | W32A32 |" in table
+    assert "| tfmq | W4A8 |" in table and "| FP | W32A32 |" in table and "## Table 1" in table
     again = _dvc(ws, env, "repro", "report")
     assert "Running stage" not in again.stdout
 
@@ -251,6 +299,7 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["micro-dvc"], output_format="list")
     names = [r.info.run_name for r in runs]
-    assert sorted(names) == sorted(["real", "fp", "tfmq-W4A8", "exp", "exp"]), names
+    assert sorted(names) == sorted(["real", "fashion_ddpm/fp", "fashion_ldm/fp", "fashion_ddpm/tfmq-W4A8",
+                                    "fashion_ldm/tfmq-W4A8", "fashion_ddpm/exp", "fashion_ddpm/exp"]), names
     assert all("fid" in r.data.metrics for r in runs)
-    assert {r.data.tags["dvc_stage"] for r in runs} >= {"evaluate@tfmq-W4A8", "evaluate_exp"}
+    assert {r.data.tags["dvc_stage"] for r in runs} >= {"evaluate@fashion_ldm-tfmq-W4A8", "evaluate_exp"}

@@ -30,9 +30,32 @@ def _write(tmp_path: Path, d: dict) -> Path:
 def test_committed_params_validate():
     params = load_params(REPO / "params.yaml")
     assert params.grid.methods == ["naive", "freeze", "ptq4dm", "qdiffusion", "tfmq"]
-    assert params.grid.bits == ["W8A8", "W4A8", "W4A32"]
+    assert params.grid.bits == ["W8A8", "W4A8"]
+    assert params.grid.models == ["fashion_ddpm", "fashion_ldm", "fashion_ldm_class"]
+    assert params.model.fp_dir == "models/fashion_ddpm" and params.sampler.guidance_scale == 3.0
     assert params.quant == PARAMS["quant"]  # the quant section exactly as written (QuantConfig is built from it)
     assert params.train_fp.betas == (0.9, 0.999) and params.eval.inception_weights is None
+
+
+def test_quick_profile_differs_only_where_marked():
+    """params-quick.yaml validates and differs from params.yaml in exactly the keys marked `# quick`."""
+    quick_text = (REPO / "params-quick.yaml").read_text()
+    quick = yaml.safe_load(quick_text)
+    load_params(REPO / "params-quick.yaml")
+
+    def leaves(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    a, b = leaves(PARAMS), leaves(quick)
+    assert set(a) == set(b)
+    changed = {k for k in a if a[k] != b[k]}
+    marked = [ln for ln in quick_text.splitlines() if ln.rstrip().endswith("# quick")]
+    assert len(changed) == len(marked) == 11, changed
+    assert {"eval.out_dir", "quant_out.dir", "calib_data.dir", "report.path"} <= changed  # never the DVC outputs
+    assert quick["grid"]["models"] == PARAMS["grid"]["models"]  # every family, fewer settings
 
 
 def test_every_library_hyperparameter_is_in_params_yaml():
@@ -136,30 +159,60 @@ def _metrics(fid: float, extractor: str = "efficientnet-lite0-112") -> dict:
             "num_samples": 16, "temporal_cos_mean": 0.99, "quant_time_total_s": 12.0}
 
 
-def test_report_table(tmp_path):
+def _table_rows(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the table under ``heading`` (cells stripped)."""
+    lines = text.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith(heading))
+    out = []
+    for ln in lines[i + 1:]:
+        if ln.startswith("#"):
+            break
+        if ln.startswith("| ") and not ln.startswith("| Method"):
+            out.append([c.strip() for c in ln.split("|")[1:-1]])
+    return out
+
+
+def test_report_tables(tmp_path):
+    """Table 1 (unconditional, FID/sFID per model), table 2a (class-conditional, IS/FID/sFID), per-model tables;
+    every cell is its metrics file's number; the latent model's autoencoder floor is a row of its own."""
     from tasks.report import build_table
 
     from flows.params import Grid
 
-    grid = Grid(methods=["naive", "tfmq"], bits=["W4A8"])
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "fp.json").write_text(json.dumps(_metrics(10.0)))
-    (tmp_path / "metrics" / "tfmq-W4A8.json").write_text(json.dumps(_metrics(12.5)))
+    grid = Grid(models=["pix", "ldmc"], methods=["naive", "tfmq"], bits=["W4A8"])
+    m = tmp_path / "metrics"
+    (m / "pix").mkdir(parents=True)
+    (m / "ldmc").mkdir()
+    (m / "pix" / "fp.json").write_text(json.dumps({**_metrics(10.0), "family": "pixel", "conditioning": "none"}))
+    (m / "pix" / "tfmq-W4A8.json").write_text(json.dumps({**_metrics(12.5), "family": "pixel", "conditioning": "none"}))
+    floor = {**_metrics(3.0), "psnr_db": 23.91}
+    (m / "ldmc" / "fp.json").write_text(json.dumps({**_metrics(30.0), "family": "latent-class", "conditioning": "class",
+                                                    "guidance_scale": 3.0, "autoencoder_floor": floor}))
+    (m / "ldmc" / "naive-W4A8.json").write_text(json.dumps({**_metrics(40.0), "family": "latent-class",
+                                                            "conditioning": "class", "guidance_scale": 3.0}))
     text, rows = build_table(str(tmp_path), grid)
-    lines = text.splitlines()
-    header = next(ln for ln in lines if ln.startswith("| Method"))
-    assert "FID (efficientnet-lite0-112)" in header and "sFID" in header and "KID" in header and "IS" in header
-    body = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| Method")]
-    assert [b.split("|")[1].strip() for b in body] == ["FP", "naive", "tfmq"]
-    assert "not run" in body[1] and "12.50" in body[2]
+    t1 = _table_rows(text, "## Table 1")
+    assert [r[0] for r in t1] == ["real images", "FP", "naive", "tfmq"]  # no autoencoder row: pix is pixel
+    assert t1[0][2:] == ["not run", "not run"] and t1[1][2:] == ["10.00 [9.0, 11.0]", "20.00"]
+    assert t1[2][2:] == ["not run", "not run"] and t1[3][2:] == ["12.50 [11.5, 13.5]", "25.00"]
+    t2 = _table_rows(text, "## Table 2a")
+    assert "guidance scale 3.0" in next(ln for ln in text.splitlines() if ln.startswith("## Table 2a"))
+    assert [r[0] for r in t2] == ["real images", "autoencoder recon.", "FP", "naive", "tfmq"]
+    assert t2[1][2:] == ["5.00 ± 0.10", "3.00 [2.0, 4.0]", "6.00"] and t2[3][2:] == ["5.00 ± 0.10", "40.00 [39.0, 41.0]", "80.00"]
+    assert t2[4][2:] == ["not run"] * 3
+    detail = _table_rows(text, "## ldmc")
+    assert detail[0][0] == "autoencoder recon. (PSNR 23.91 dB)" and detail[0][6:] == ["-", "-"]
+    assert detail[2][6:] == [f"{(1 - 0.99) * 1e4:.1f}", "12"]
+    assert {(r["model"], r["method"]) for r in rows} == {("pix", "FP"), ("pix", "tfmq"), ("ldmc", "autoencoder recon."),
+                                                         ("ldmc", "FP"), ("ldmc", "naive")}
 
-    (tmp_path / "metrics" / "real.json").write_text(json.dumps(_metrics(7.25)))  # the real-data floor row
-    body = [ln for ln in build_table(str(tmp_path), grid)[0].splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
-    assert [b.split("|")[1].strip() for b in body] == ["real images", "FP", "naive", "tfmq"]
-    cells = [c.strip() for c in body[0].split("|")[1:-1]]
-    assert cells[2].startswith("7.25 [6.2, 8.2]") and cells[6:] == ["-", "-"]  # no temporal error, no quant time
+    (m / "real.json").write_text(json.dumps(_metrics(7.25)))  # the real-data floor row, shared by every model
+    text, _ = build_table(str(tmp_path), grid)
+    assert _table_rows(text, "## Table 1")[0][2:] == ["7.25 [6.2, 8.2]", "14.50"]
+    real = _table_rows(text, "## pix")[0]
+    assert real[0] == "real images" and real[6:] == ["-", "-"]  # no temporal error, no quant time
 
-    (tmp_path / "metrics" / "naive-W4A8.json").write_text(json.dumps(_metrics(20.0, extractor="inception-v3-compat-sfid")))
+    (m / "pix" / "naive-W4A8.json").write_text(json.dumps(_metrics(20.0, extractor="inception-v3-compat-sfid")))
     with pytest.raises(ValueError, match="cannot share a table"):
         build_table(str(tmp_path), grid)
 
@@ -198,18 +251,26 @@ def test_setting_carries_the_config_the_stages_used_to_build():
     s = quantized_setting(params, "qdiffusion", "W4A32")
     assert s.config == QuantConfig.from_dict(dict(PARAMS["quant"], method="qdiffusion", weight_bits=4, act_bits=None))
     assert (s.name, s.method, s.bits) == ("qdiffusion-W4A32", "qdiffusion", "W4A32")
-    assert (s.quant_dir, s.results_dir, s.metrics_path, s.checkpoint, s.fp_dir) == (
-        "quant/qdiffusion-W4A32", "results/qdiffusion-W4A32", "results/metrics/qdiffusion-W4A32.json",
-        "quant/qdiffusion-W4A32/model", "models/fashion_ddpm")
+    assert (s.quant_dir, s.results_dir, s.metrics_path, s.checkpoint, s.fp_dir, s.calib_dir, s.model) == (
+        "quant/fashion_ddpm/qdiffusion-W4A32", "results/fashion_ddpm/qdiffusion-W4A32",
+        "results/metrics/fashion_ddpm/qdiffusion-W4A32.json", "quant/fashion_ddpm/qdiffusion-W4A32/model",
+        "models/fashion_ddpm", "calib/fashion_ddpm", "fashion_ddpm")
     assert s.config.recon.iters == 100 and s.config.calib.every_k == 2
     exp = quantized_setting(params, name="exp")  # the *_exp stages: the quant section as written
-    assert exp.config == QuantConfig.from_dict(PARAMS["quant"]) and exp.bits == "W4A8" and exp.quant_dir == "quant/exp"
+    assert exp.config == QuantConfig.from_dict(PARAMS["quant"]) and exp.bits == "W4A8"
+    assert exp.quant_dir == "quant/fashion_ddpm/exp"
     assert quantized_setting(params, "tfmq", "w4a64").name == "tfmq-W4A32"  # one canonical name, tfmq's
+    ldm = quantized_setting(params, "tfmq", "W4A8", model="fashion_ldm_class")
+    assert (ldm.fp_dir, ldm.calib_dir, ldm.quant_dir, ldm.metrics_path) == (
+        "models/fashion_ldm_class", "calib/fashion_ldm_class", "quant/fashion_ldm_class/tfmq-W4A8",
+        "results/metrics/fashion_ldm_class/tfmq-W4A8.json")
     grid = grid_settings(params)
-    assert [g.name for g in grid[:6]] == ["naive-W8A8", "freeze-W8A8", "ptq4dm-W8A8", "qdiffusion-W8A8",
-                                          "tfmq-W8A8", "naive-W4A8"] and len(grid) == 15
+    assert [(g.model, g.name) for g in grid[:6]] == [("fashion_ddpm", n) for n in (
+        "naive-W8A8", "freeze-W8A8", "ptq4dm-W8A8", "qdiffusion-W8A8", "tfmq-W8A8", "naive-W4A8")]
+    assert len(grid) == 30 and [g.model for g in grid[10::10]] == ["fashion_ldm", "fashion_ldm_class"]
     fp, real = unquantized_setting(params, "fp"), unquantized_setting(params, "real")
     assert (fp.method, fp.bits, fp.config, fp.checkpoint) == ("fp", "W32A32", None, None)
+    assert unquantized_setting(params, "fp", model="fashion_ldm").metrics_path == "results/metrics/fashion_ldm/fp.json"
     assert (real.method, real.bits, real.metrics_path) == ("real", "data", "results/metrics/real.json")
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.name = "other"  # type: ignore[misc]

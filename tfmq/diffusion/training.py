@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import diffusers
 import torch
@@ -43,6 +43,9 @@ class TrainConfig:
         seed: seeds the weight init, batch indices, noise and timesteps (one CPU generator).
         num_train_timesteps, beta_schedule, beta_start, beta_end: the DDPM forward process.
         class_conditional: add ``num_class_embeds=10`` and feed ``class_labels``.
+        class_dropout: probability that a training label is replaced by the null class (id 10, an 11th
+            embedding), so the model also learns the unconditional prediction classifier-free guidance needs
+            (Ho & Salimans 2022). 0 = no null class (``num_class_embeds=10``).
         unet: extra ``build_unet`` overrides (UNet2DModel constructor keys).
         log_every: steps per point of the loss curve (mean loss over that window).
         sample_every: write a progress grid every N steps to ``progress/`` (0 = only the final grid).
@@ -65,6 +68,7 @@ class TrainConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     class_conditional: bool = False
+    class_dropout: float = 0.0
     unet: dict[str, Any] = field(default_factory=dict)
     log_every: int = 50
     sample_every: int = 0
@@ -88,6 +92,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.beta_schedule={self.beta_schedule!r}; expected one of {_BETA_SCHEDULES}")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ValueError(f"TrainConfig betas ({self.beta_start}, {self.beta_end}) need 0 < beta_start < beta_end < 1")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"TrainConfig.class_dropout={self.class_dropout} must be in [0, 1), e.g. 0.1 for CFG")
+        if self.class_dropout > 0 and not self.class_conditional:
+            raise ValueError("TrainConfig.class_dropout > 0 needs class_conditional=true (it trains the null class)")
         self.betas = tuple(float(b) for b in self.betas)
         self.unet = dict(self.unet)
 
@@ -95,8 +103,13 @@ class TrainConfig:
         """The ``build_unet`` overrides this config implies."""
         cfg = dict(self.unet)
         if self.class_conditional:
-            cfg.setdefault("num_class_embeds", 10)
+            cfg.setdefault("num_class_embeds", 10 + (1 if self.class_dropout > 0 else 0))
         return cfg
+
+    @property
+    def null_class_label(self) -> int | None:
+        """The class id trained as 'no class' (the last embedding) when ``class_dropout > 0``, else None."""
+        return int(self.unet_config()["num_class_embeds"]) - 1 if self.class_dropout > 0 else None
 
 
 def _grid_labels(cfg: TrainConfig, num_classes: int) -> tuple[int, torch.Tensor | None]:
@@ -106,12 +119,31 @@ def _grid_labels(cfg: TrainConfig, num_classes: int) -> tuple[int, torch.Tensor 
     return labels.numel(), labels
 
 
-def _write_grid(unet: torch.nn.Module, noise_sched: DDPMScheduler, cfg: TrainConfig, path: Path, device: str) -> None:
-    n, labels = _grid_labels(cfg, int(unet.config.num_class_embeds or 10))
+def _write_grid(unet: torch.nn.Module, noise_sched: DDPMScheduler, cfg: TrainConfig, path: Path, device: str,
+                decode_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 1.0) -> None:
+    null = cfg.null_class_label
+    n, labels = _grid_labels(cfg, int(unet.config.num_class_embeds or 10) - (null is not None))
     ddim = make_scheduler("ddim", noise_sched.config)
     images = sample(unet, ddim, n, cfg.sample_steps, batch_size=n, seed=cfg.seed, class_labels=labels,
-                    device=device, progress=False)
-    save_grid(images, path, nrow=8, scale=2)
+                    device=device, progress=False, null_class_label=null,
+                    guidance_scale=guidance_scale if null is not None else 1.0)
+    save_grid(images if decode_fn is None else decode_fn(images), path, nrow=8, scale=2)
+
+
+def _checked_labels(cfg: TrainConfig, train_labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if not cfg.class_conditional:
+        return None
+    if train_labels is None or train_labels.shape != (n,):
+        got = None if train_labels is None else tuple(train_labels.shape)
+        raise ValueError(f"class_conditional training needs train_labels of shape ({n},), got {got}")
+    return train_labels.to(torch.int64)
+
+
+def _uint8_images(train_images_uint8: torch.Tensor) -> torch.Tensor:
+    images = train_images_uint8 if train_images_uint8.dim() == 4 else train_images_uint8.unsqueeze(1)
+    if images.dtype != torch.uint8:
+        raise ValueError(f"train_images_uint8 has dtype {images.dtype}, expected uint8 (use the raw dataset tensor)")
+    return images
 
 
 def train_ddpm(
@@ -122,7 +154,7 @@ def train_ddpm(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train an epsilon-prediction DDPM and write a self-describing diffusers checkpoint.
+    """Train an epsilon-prediction pixel-space DDPM and write a self-describing diffusers checkpoint.
 
     Args:
         train_images_uint8: uint8 [N, 28, 28] (or [N, 1, H, W]) training images.
@@ -141,27 +173,75 @@ def train_ddpm(
         >>> d = load_fashion_mnist()
         >>> train_ddpm(d["train_images"], d["train_labels"], TrainConfig(steps=3500), "models/fashion_ddpm")
     """
-    images = train_images_uint8 if train_images_uint8.dim() == 4 else train_images_uint8.unsqueeze(1)
-    if images.dtype != torch.uint8:
-        raise ValueError(f"train_images_uint8 has dtype {images.dtype}, expected uint8 (use the raw dataset tensor)")
-    n = images.shape[0]
-    if cfg.class_conditional:
-        if train_labels is None or train_labels.shape != (n,):
-            got = None if train_labels is None else tuple(train_labels.shape)
-            raise ValueError(f"class_conditional training needs train_labels of shape ({n},), got {got}")
-        train_labels = train_labels.to(torch.int64)
+    images = _uint8_images(train_images_uint8)
+    labels = _checked_labels(cfg, train_labels, images.shape[0])
+    return _train(lambda idx: to_model_range(images[idx]), tuple(images.shape), labels, cfg, out_dir, device,
+                  progress)
 
-    unet = build_unet({"sample_size": images.shape[-1], "in_channels": images.shape[1],
-                       "out_channels": images.shape[1], **cfg.unet_config()}, seed=cfg.seed).to(device).train()
+
+def train_latent_ddpm(
+    train_images_uint8: torch.Tensor,
+    train_labels: torch.Tensor | None,
+    cfg: TrainConfig,
+    autoencoder_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    guidance_scale: float = 1.0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a latent DDPM (the LDM-4 analogue) on the latents of a trained VQ autoencoder.
+
+    The images are encoded once (``tfmq.diffusion.autoencoder.encode``: padded to the autoencoder's
+    ``sample_size``, scaled by its ``scaling_factor``) and the UNet learns epsilon-prediction on those
+    latents exactly as :func:`train_ddpm` does on pixels. ``out_dir`` becomes a diffusers ``LDMPipeline``
+    folder (``model_index.json``, ``unet/``, ``vqvae/`` copied from ``autoencoder_dir``, ``scheduler/``
+    as DDIM) plus ``tfmq.json`` (family, image size, null class), ``train_log.json`` and ``samples.png``
+    (decoded; class-conditional grids use classifier-free guidance at ``guidance_scale``).
+
+    Example:
+        >>> train_latent_ddpm(d["train_images"], None, TrainConfig(), "models/fashion_vq", "models/fashion_ldm")
+    """
+    from diffusers import VQModel
+
+    from tfmq.diffusion.autoencoder import decode, encode
+
+    images = _uint8_images(train_images_uint8)
+    labels = _checked_labels(cfg, train_labels, images.shape[0])
+    vq_dir = Path(autoencoder_dir) / "vqvae"
+    if not (vq_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no autoencoder at {vq_dir} (expected a VQModel save_pretrained folder); "
+                                "train it first (the train_autoencoder stage)")
+    vqvae = VQModel.from_pretrained(vq_dir, local_files_only=True).to(device).eval().requires_grad_(False)
+    latents = encode(vqvae, to_model_range(images), pad_to=int(vqvae.config.sample_size))
+    crop = tuple(int(v) for v in images.shape[-2:])
+    ldm = {"vqvae": vqvae, "image_size": crop, "guidance_scale": guidance_scale,
+           "latent_std": float(latents.double().std())}
+    return _train(lambda idx: latents[idx], tuple(latents.shape), labels, cfg, out_dir, device, progress,
+                  decode_fn=lambda z: decode(vqvae, z, crop=crop), ldm=ldm)
+
+
+def _train(batch_fn: Callable[[torch.Tensor], torch.Tensor], data_shape: tuple[int, ...],
+           train_labels: torch.Tensor | None, cfg: TrainConfig, out_dir: str | os.PathLike, device: str,
+           progress: bool, decode_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           ldm: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The training loop both entry points share: x0 = ``batch_fn(indices)`` [B, C, H, W] in model space."""
+    n, c, h, w = data_shape
+    if h != w:
+        raise ValueError(f"training data of {h}x{w}: the UNet's sample_size needs square inputs")
+    unet = build_unet({"sample_size": h, "in_channels": c, "out_channels": c, **cfg.unet_config()},
+                      seed=cfg.seed).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    # latents are not bounded to [-1, 1] like pixels: no x0 clipping in their samplers (LDM's own setting)
     noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                                beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+                                beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=ldm is None)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     warm = max(cfg.warmup_steps, 1)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm))
     params, ema_params = list(unet.parameters()), list(ema.parameters())
     gen = torch.Generator().manual_seed(cfg.seed)
     n_params = sum(p.numel() for p in params)
+    null = cfg.null_class_label
+    grid_kw = {"decode_fn": decode_fn, "guidance_scale": (ldm or {}).get("guidance_scale", 1.0)}
 
     curve, window, all_losses = [], [], []
     with atomic_dir(out_dir) as tmp:
@@ -169,11 +249,15 @@ def train_ddpm(
         t0 = time.perf_counter()
         for step in bar:
             idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-            x0 = to_model_range(images[idx]).to(device)
+            x0 = batch_fn(idx).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device)
             t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)
             xt = noise_sched.add_noise(x0, noise, t)
-            labels = train_labels[idx].to(device) if cfg.class_conditional else None
+            labels = train_labels[idx] if train_labels is not None else None
+            if labels is not None and null is not None:  # class dropout: the null class for CFG
+                drop = torch.rand(cfg.batch_size, generator=gen) < cfg.class_dropout
+                labels = torch.where(drop, torch.full_like(labels, null), labels)
+            labels = labels.to(device) if labels is not None else None
             loss = F.mse_loss(unet(xt, t.to(device), class_labels=labels).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -199,16 +283,22 @@ def train_ddpm(
                 if progress:
                     tqdm.write(f"step {step}/{cfg.steps} loss {point['loss']:.4f} wall {point['wall_s']:.0f}s")
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                _write_grid(ema, noise_sched, cfg, tmp / "progress" / f"samples_step{step:06d}.png", device)
+                _write_grid(ema, noise_sched, cfg, tmp / "progress" / f"samples_step{step:06d}.png", device, **grid_kw)
         train_wall = time.perf_counter() - t0
         bar.close()
 
-        ema.save_pretrained(tmp / "unet", safe_serialization=True)
+        if ldm is None:
+            ema.save_pretrained(tmp / "unet", safe_serialization=True)
+            noise_sched.save_pretrained(tmp / "scheduler")
+        else:
+            from tfmq.diffusion.pipelines import save_ldm_pipeline
+
+            save_ldm_pipeline(tmp, ema, ldm["vqvae"], noise_sched, image_size=ldm["image_size"],
+                              null_class_label=null)
         if cfg.save_raw_weights:
             unet.save_pretrained(tmp / "unet_raw", safe_serialization=True)
-        noise_sched.save_pretrained(tmp / "scheduler")
         t1 = time.perf_counter()
-        _write_grid(ema, noise_sched, cfg, tmp / "samples.png", device)
+        _write_grid(ema, noise_sched, cfg, tmp / "samples.png", device, **grid_kw)
         tail = all_losses[-min(100, len(all_losses)):]
         log = {
             "config": dataclasses.asdict(cfg),
@@ -227,5 +317,9 @@ def train_ddpm(
             "diffusers_version": diffusers.__version__,
             "weights": "EMA",
         }
+        if ldm is not None:
+            log.update(space="latent", latent_shape=[c, h, w], latent_std=ldm["latent_std"],
+                       grid_guidance_scale=grid_kw["guidance_scale"] if null is not None else 1.0,
+                       null_class_label=null)
         atomic_write_json(log, tmp / "train_log.json")
     return log

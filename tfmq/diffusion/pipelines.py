@@ -1,0 +1,176 @@
+"""Model folders as diffusers writes them, and the family each one belongs to.
+
+A run quantizes the UNet of a local diffusers folder, loaded unchanged:
+
+- **pixel**: ``unet/`` + ``scheduler/`` (our embedded DDPMs; a ``DDPMPipeline`` folder);
+- **latent**: a diffusers ``LDMPipeline`` folder (``model_index.json``, ``unet/``, ``vqvae/``,
+  ``scheduler/``), e.g. ``CompVis/ldm-celebahq-256`` on disk or the embedded ``fashion_ldm``;
+  samples are latents and :meth:`DiffusionModel.to_images` decodes them with the FP autoencoder.
+
+The **conditioning** comes from the UNet itself: ``num_class_embeds`` makes it class-conditional
+(classifier-free guidance needs a trained null class), a ``UNet2DConditionModel`` is text-guided.
+Nothing here is a flag the user keeps in sync: :func:`read_family` reads it all from the folder.
+An optional ``tfmq.json`` next to ``model_index.json`` (written by our training) records what the
+diffusers configs cannot: the null class id and the data's image size (decoded images are cropped
+to it; our autoencoder pads 28x28 to 32x32). Only the UNet is ever quantized; the autoencoder stays FP.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILY_FILE = "tfmq.json"
+AUTOENCODER_KEYS = ("vqvae", "vae")  # LDMPipeline names it vqvae; Stable Diffusion folders vae
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a model folder is: pixel or latent, and what it is conditioned on.
+
+    Attributes:
+        space: ``"pixel"`` or ``"latent"``.
+        conditioning: ``"none"``, ``"class"`` (``num_class_embeds``) or ``"text"`` (``UNet2DConditionModel``).
+        autoencoder: subfolder of the latent model's autoencoder (``vqvae``/``vae``), else None.
+        num_classes: real classes of a class-conditional UNet (the null class excluded).
+        null_class_label: the class id trained as "no class" (CFG), from ``tfmq.json``; None if none was trained.
+        image_size: (H, W) of the data; decoded images larger than it are centre-cropped to it.
+    """
+
+    space: str
+    conditioning: str
+    autoencoder: str | None = None
+    num_classes: int | None = None
+    null_class_label: int | None = None
+    image_size: tuple[int, int] | None = None
+
+    @property
+    def latent(self) -> bool:
+        return self.space == "latent"
+
+    @property
+    def name(self) -> str:
+        """``pixel``, ``latent``, ``latent-class``, ``pixel-class``, ``latent-text``."""
+        return self.space + ("" if self.conditioning == "none" else f"-{self.conditioning}")
+
+    def guidance(self, guidance_scale: float) -> float:
+        """The scale a sampler uses: ``guidance_scale`` for a guided model, 1 (no CFG) otherwise."""
+        if self.conditioning == "class" and self.null_class_label is None:
+            return 1.0
+        return guidance_scale if self.conditioning != "none" else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["name"] = self.name
+        return d
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} ({e}); expected a diffusers save_pretrained JSON file") from e
+
+
+def read_family(model_dir: str | os.PathLike) -> ModelFamily:
+    """The :class:`ModelFamily` of a diffusers folder, from its files alone (no weights are loaded)."""
+    d = Path(model_dir)
+    index = _json(d / "model_index.json") if (d / "model_index.json").is_file() else {}
+    extra = _json(d / FAMILY_FILE) if (d / FAMILY_FILE).is_file() else {}
+    ae = next((k for k in AUTOENCODER_KEYS if k in index or (not index and (d / k / "config.json").is_file())), None)
+    if ae is not None and not (d / ae / "config.json").is_file():
+        raise FileNotFoundError(f"{d}/model_index.json lists a {ae!r} component but {d / ae}/config.json is missing; "
+                                "copy the whole pipeline folder")
+    unet_cfg = _json(d / "unet" / "config.json") if (d / "unet" / "config.json").is_file() else {}
+    embeds = unet_cfg.get("num_class_embeds")
+    null = extra.get("null_class_label")
+    if unet_cfg.get("_class_name") == "UNet2DConditionModel":
+        conditioning = "text"
+    elif embeds:
+        conditioning = "class"
+    else:
+        conditioning = "none"
+    if null is not None and not (embeds and 0 <= int(null) < int(embeds)):
+        raise ValueError(f"{d / FAMILY_FILE}: null_class_label={null} is not a class id of the UNet "
+                         f"(num_class_embeds={embeds})")
+    size = extra.get("image_size")
+    return ModelFamily(space="latent" if ae else "pixel", conditioning=conditioning, autoencoder=ae,
+                       num_classes=(int(embeds) - (null is not None)) if embeds else None,
+                       null_class_label=None if null is None else int(null),
+                       image_size=None if size is None else (int(size[0]), int(size[1])))
+
+
+@dataclass
+class DiffusionModel:
+    """A loaded model folder: the (FP) UNet, its training scheduler, the FP autoencoder of a latent model."""
+
+    unet: torch.nn.Module
+    scheduler: Any
+    family: ModelFamily
+    autoencoder: torch.nn.Module | None = None
+
+    def to_images(self, samples: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Sampler output -> images in [-1, 1] (float32, CPU): decoded + cropped for a latent model."""
+        if self.autoencoder is None:
+            return samples.float().clamp(-1, 1).cpu()
+        from tfmq.diffusion.autoencoder import decode
+
+        return decode(self.autoencoder, samples, batch_size=batch_size, crop=self.family.image_size)
+
+    def to_latents(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Images in [-1, 1] -> what the UNet models (latents of a latent model; the images themselves otherwise)."""
+        if self.autoencoder is None:
+            return images
+        from tfmq.diffusion.autoencoder import encode
+
+        return encode(self.autoencoder, images, batch_size=batch_size,
+                      pad_to=int(self.autoencoder.config.sample_size) if self.family.image_size else None)
+
+
+def load_autoencoder(model_dir: str | os.PathLike, family: ModelFamily | None = None,
+                     device: str | torch.device = "cpu") -> torch.nn.Module | None:
+    """The FP autoencoder of a latent folder (eval mode, no grads), None for a pixel folder."""
+    import diffusers
+
+    family = family or read_family(model_dir)
+    if family.autoencoder is None:
+        return None
+    sub = Path(model_dir) / family.autoencoder
+    name = _json(sub / "config.json").get("_class_name", "VQModel")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"{sub}/config.json names {name!r}, which diffusers {diffusers.__version__} does not provide")
+    return cls.from_pretrained(sub, local_files_only=True).to(device).eval().requires_grad_(False)
+
+
+def load_diffusion_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load a pixel or latent diffusers folder: UNet + scheduler (``models.load_fp_model``) + FP autoencoder."""
+    from tfmq.diffusion.models import load_fp_model
+
+    family = read_family(model_dir)
+    unet, scheduler = load_fp_model(model_dir, device)
+    return DiffusionModel(unet=unet, scheduler=scheduler, family=family,
+                          autoencoder=load_autoencoder(model_dir, family, device))
+
+
+def save_ldm_pipeline(out_dir: str | os.PathLike, unet: torch.nn.Module, vqvae: torch.nn.Module, scheduler: Any,
+                      image_size: tuple[int, int] | None = None, null_class_label: int | None = None) -> Path:
+    """Write a diffusers ``LDMPipeline`` folder (``LDMPipeline.from_pretrained`` loads it) + ``tfmq.json``.
+
+    The scheduler is saved as a ``DDIMScheduler`` with the training scheduler's betas (what LDMPipeline
+    declares). ``out_dir`` is written in place (callers build it inside ``tfmq.io.atomic_dir``).
+    """
+    from diffusers import DDIMScheduler, LDMPipeline
+
+    out = Path(out_dir)
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    LDMPipeline(vqvae=vqvae, unet=unet, scheduler=ddim).save_pretrained(out, safe_serialization=True)
+    extra = {"image_size": None if image_size is None else list(image_size), "null_class_label": null_class_label,
+             "note": "written by tfmq: the data's image size (decoded images are cropped to it) and the class id "
+                     "trained as 'no class' for classifier-free guidance; only the UNet is ever quantized"}
+    (out / FAMILY_FILE).write_text(json.dumps(extra, indent=2) + "\n")
+    return out
