@@ -92,3 +92,16 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.pop("PYTHONPATH", None)
     env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri() in this process exports it; params decide
     return env
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the Markdown table under the first heading starting with ``heading``."""
+    lines = text.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith(heading))
+    out = []
+    for ln in lines[i + 1:]:
+        if ln.startswith("#"):
+            break
+        if ln.startswith("| ") and not ln.startswith("| Method"):
+            out.append([c.strip() for c in ln.split("|")[1:-1]])
+    return out

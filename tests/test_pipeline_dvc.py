@@ -27,12 +27,10 @@ STAGE_ENTRIES = {
     "train_classifier": ["tasks/classifier.py"],
     "reference_stats": ["tasks/reference.py"],
     "calib_data": ["tasks/calibration.py"],
-    "quantize": ["tasks/quantize.py"],
-    "quantize_exp": ["tasks/quantize.py"],
-    "evaluate": ["tasks/evaluate.py", "tasks/tracking.py"],
+    "run": ["tasks/quantize.py", "tasks/evaluate.py", "tasks/tracking.py"],
+    "run_exp": ["tasks/quantize.py", "tasks/evaluate.py", "tasks/tracking.py"],
     "evaluate_fp": ["tasks/evaluate.py", "tasks/real.py", "tasks/tracking.py"],
     "evaluate_real": ["tasks/real.py", "tasks/tracking.py"],
-    "evaluate_exp": ["tasks/evaluate.py", "tasks/tracking.py"],
     "report": ["tasks/report.py"],
 }
 #: wiring, deliberately not a dep (see the header of dvc.yaml)
@@ -120,7 +118,7 @@ def test_stage_params_exist_in_params_yaml():
 
 def test_grid_matrix_reads_params():
     stages = _dvc_stages()
-    for name in ("quantize", "evaluate"):
+    for name in ("run",):
         assert stages[name]["matrix"] == {"model": "${grid.models}", "method": "${grid.methods}", "bits": "${grid.bits}"}
     for name in ("calib_data", "evaluate_fp"):
         assert stages[name]["matrix"] == {"model": "${grid.models}"}
@@ -130,11 +128,11 @@ def test_grid_matrix_reads_params():
 
 def test_closure_follows_the_refactored_layout():
     """The closure is not vacuous: the quantize stage reaches the engine through tasks/setting.py and tfmq/__init__."""
-    closure = import_closure(STAGE_ENTRIES["quantize"])
+    closure = import_closure(["tasks/quantize.py"])
     assert {"tasks/setting.py", "tfmq/__init__.py", "tfmq/quant/prepare.py", "tfmq/diffusion/models.py",
             "tfmq/diffusion/calibration.py"} <= closure
     assert not any(f.startswith("flows/") for f in closure)
-    assert "tfmq/evaluation/metrics.py" in import_closure(STAGE_ENTRIES["evaluate"])
+    assert "tfmq/evaluation/metrics.py" in import_closure(STAGE_ENTRIES["run"])
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_ENTRIES))

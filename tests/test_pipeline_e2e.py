@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_fixtures import make_workspace, micro_params, subprocess_env, write_idx_dataset
+from pipeline_fixtures import make_workspace, micro_params, subprocess_env, table_rows, write_idx_dataset
 
 GRID = (["naive", "tfmq"], ["W4A8"])
 
@@ -111,24 +111,12 @@ def test_compare_flow_writes_every_output(compared):
     assert json.loads((ws / "calib" / "fashion_ldm" / "meta.json").read_text())["cfg"] is False
 
 
-def _section_rows(table: str, heading: str) -> list[list[str]]:
-    lines = table.splitlines()
-    i = next(k for k, ln in enumerate(lines) if ln.startswith(heading))
-    out = []
-    for ln in lines[i + 1:]:
-        if ln.startswith("#"):
-            break
-        if ln.startswith("| ") and not ln.startswith("| Method"):
-            out.append([c.strip() for c in ln.split("|")[1:-1]])
-    return out
-
-
 def test_report_numbers_are_the_metrics_files(compared):
     """Each table cell is its metrics JSON's number, formatted: a report that mixed rows up would fail here."""
     ws, table_path = compared
     table = (ws / table_path).read_text()
     for model in MODELS:
-        rows = {r[0].split(" (PSNR")[0]: r for r in _section_rows(table, f"## {model} ")}
+        rows = {r[0].split(" (PSNR")[0]: r for r in table_rows(table, f"## {model} ")}
         expect = [("real images", "real"), ("FP", "fp"), ("naive", "naive-W4A8"), ("tfmq", "tfmq-W4A8")]
         if model != "fashion_ddpm":
             expect.append(("autoencoder recon.", "floor"))
@@ -143,7 +131,7 @@ def test_report_numbers_are_the_metrics_files(compared):
             if name not in ("fp", "real", "floor"):
                 assert cells[6] == f"{(1 - m['temporal_cos_mean']) * 1e4:.1f}" and float(cells[6]) > 0
                 assert cells[7] == f"{m['quant_time_total_s']:.0f}"
-    t1, t2 = _section_rows(table, "## Table 1"), _section_rows(table, "## Table 2a")
+    t1, t2 = table_rows(table, "## Table 1"), table_rows(table, "## Table 2a")
     tf = _metrics(ws, "fashion_ldm", "tfmq-W4A8")
     assert next(r for r in t1 if r[0] == "tfmq")[4:6] == [f"{tf['fid']:.2f} [{tf['fid_ci_low']:.1f}, {tf['fid_ci_high']:.1f}]",
                                                         f"{tf['sfid']:.2f}"]  # the fashion_ldm column group
@@ -265,13 +253,13 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.cli", "repro", "report"], cwd=ws, env=env, capture_output=True,
                        text=True, timeout=1800)
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    assert "Running stage 'quantize@fashion_ldm-tfmq-W4A8'" in r.stdout + r.stderr
+    assert "Running stage 'run@fashion_ldm-tfmq-W4A8'" in r.stdout + r.stderr
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
     assert {"prepare_data", "train_fp", "train_autoencoder", "train_ldm", "calib_data@fashion_ddpm",
-            "calib_data@fashion_ldm", "quantize@fashion_ddpm-tfmq-W4A8", "evaluate@fashion_ldm-tfmq-W4A8",
-            "evaluate_fp@fashion_ldm", "evaluate_real", "quantize_exp", "evaluate_exp", "report"} <= set(lock)
+            "calib_data@fashion_ldm", "run@fashion_ddpm-tfmq-W4A8", "run@fashion_ldm-tfmq-W4A8",
+            "evaluate_fp@fashion_ldm", "evaluate_real", "run_exp", "report", "train_classifier"} <= set(lock)
     assert "train_ldm_class" not in lock  # not in this grid, so not upstream of the report
-    assert lock["quantize@fashion_ldm-tfmq-W4A8"]["params"]["params.yaml"]["quant.recon"]["iters"] == 2
+    assert lock["run@fashion_ldm-tfmq-W4A8"]["params"]["params.yaml"]["quant.recon"]["iters"] == 2
     from diffusers import LDMPipeline
 
     assert type(LDMPipeline.from_pretrained(ws / "models" / "fashion_ldm").vqvae).__name__ == "VQModel"
@@ -288,8 +276,8 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     _git(ws, "add", "-A")
     _git(ws, "commit", "-qm", "micro results")
     # An experiment on the quant section: only the *_exp stages re-run, then metrics diff shows it.
-    exp = _dvc(ws, env, "exp", "run", "-S", "quant.weight_bits=4", "-S", "quant.act_bits=8", "evaluate_exp")
-    assert "Running stage 'quantize_exp'" in exp.stdout and "quantize@" not in exp.stdout
+    exp = _dvc(ws, env, "exp", "run", "-S", "quant.weight_bits=4", "-S", "quant.act_bits=8", "run_exp")
+    assert "Running stage 'run_exp'" in exp.stdout and "run@" not in exp.stdout
     diff = _dvc(ws, env, "metrics", "diff", "--json")
     changed = json.loads(diff.stdout)
     assert any(path.endswith("exp.json") for path in changed), changed
@@ -302,4 +290,4 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     assert sorted(names) == sorted(["real", "fashion_ddpm/fp", "fashion_ldm/fp", "fashion_ddpm/tfmq-W4A8",
                                     "fashion_ldm/tfmq-W4A8", "fashion_ddpm/exp", "fashion_ddpm/exp"]), names
     assert all("fid" in r.data.metrics for r in runs)
-    assert {r.data.tags["dvc_stage"] for r in runs} >= {"evaluate@fashion_ldm-tfmq-W4A8", "evaluate_exp"}
+    assert {r.data.tags["dvc_stage"] for r in runs} >= {"run@fashion_ldm-tfmq-W4A8", "run_exp"}

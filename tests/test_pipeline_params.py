@@ -159,22 +159,10 @@ def _metrics(fid: float, extractor: str = "efficientnet-lite0-112") -> dict:
             "num_samples": 16, "temporal_cos_mean": 0.99, "quant_time_total_s": 12.0}
 
 
-def _table_rows(text: str, heading: str) -> list[list[str]]:
-    """The body rows of the table under ``heading`` (cells stripped)."""
-    lines = text.splitlines()
-    i = next(k for k, ln in enumerate(lines) if ln.startswith(heading))
-    out = []
-    for ln in lines[i + 1:]:
-        if ln.startswith("#"):
-            break
-        if ln.startswith("| ") and not ln.startswith("| Method"):
-            out.append([c.strip() for c in ln.split("|")[1:-1]])
-    return out
-
-
 def test_report_tables(tmp_path):
     """Table 1 (unconditional, FID/sFID per model), table 2a (class-conditional, IS/FID/sFID), per-model tables;
     every cell is its metrics file's number; the latent model's autoencoder floor is a row of its own."""
+    from pipeline_fixtures import table_rows
     from tasks.report import build_table
 
     from flows.params import Grid
@@ -191,16 +179,16 @@ def test_report_tables(tmp_path):
     (m / "ldmc" / "naive-W4A8.json").write_text(json.dumps({**_metrics(40.0), "family": "latent-class",
                                                             "conditioning": "class", "guidance_scale": 3.0}))
     text, rows = build_table(str(tmp_path), grid)
-    t1 = _table_rows(text, "## Table 1")
+    t1 = table_rows(text, "## Table 1")
     assert [r[0] for r in t1] == ["real images", "FP", "naive", "tfmq"]  # no autoencoder row: pix is pixel
     assert t1[0][2:] == ["not run", "not run"] and t1[1][2:] == ["10.00 [9.0, 11.0]", "20.00"]
     assert t1[2][2:] == ["not run", "not run"] and t1[3][2:] == ["12.50 [11.5, 13.5]", "25.00"]
-    t2 = _table_rows(text, "## Table 2a")
+    t2 = table_rows(text, "## Table 2a")
     assert "guidance scale 3.0" in next(ln for ln in text.splitlines() if ln.startswith("## Table 2a"))
     assert [r[0] for r in t2] == ["real images", "autoencoder recon.", "FP", "naive", "tfmq"]
     assert t2[1][2:] == ["5.00 ± 0.10", "3.00 [2.0, 4.0]", "6.00"] and t2[3][2:] == ["5.00 ± 0.10", "40.00 [39.0, 41.0]", "80.00"]
     assert t2[4][2:] == ["not run"] * 3
-    detail = _table_rows(text, "## ldmc")
+    detail = table_rows(text, "## ldmc")
     assert detail[0][0] == "autoencoder recon. (PSNR 23.91 dB)" and detail[0][6:] == ["-", "-"]
     assert detail[2][6:] == [f"{(1 - 0.99) * 1e4:.1f}", "12"]
     assert {(r["model"], r["method"]) for r in rows} == {("pix", "FP"), ("pix", "tfmq"), ("ldmc", "autoencoder recon."),
@@ -208,8 +196,8 @@ def test_report_tables(tmp_path):
 
     (m / "real.json").write_text(json.dumps(_metrics(7.25)))  # the real-data floor row, shared by every model
     text, _ = build_table(str(tmp_path), grid)
-    assert _table_rows(text, "## Table 1")[0][2:] == ["7.25 [6.2, 8.2]", "14.50"]
-    real = _table_rows(text, "## pix")[0]
+    assert table_rows(text, "## Table 1")[0][2:] == ["7.25 [6.2, 8.2]", "14.50"]
+    real = table_rows(text, "## pix")[0]
     assert real[0] == "real images" and real[6:] == ["-", "-"]  # no temporal error, no quant time
 
     (m / "pix" / "naive-W4A8.json").write_text(json.dumps(_metrics(20.0, extractor="inception-v3-compat-sfid")))
