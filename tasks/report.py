@@ -68,6 +68,8 @@ def _summary_table(title: str, models: list[str], per_model: dict, real: dict | 
     head = "| Method | Bits | " + " | ".join(f"{model}: {c}" for model in models for c in cols) + " |"
     lines = [title, "", head, "|---|---|" + "---|" * (len(models) * len(cols))]
     keys: list[tuple[str, str]] = [("real images", "-")]
+    if any(mm == "autoencoder recon." for model in models for mm, _, _ in per_model[model]):
+        keys.append(("autoencoder recon.", "FP"))  # the floors first, then FP and the grid
     for model in models:
         for method, bits, _ in per_model[model]:
             if (method, bits) not in keys:
