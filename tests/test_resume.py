@@ -241,9 +241,11 @@ def test_pipeline_task_resumes_and_leaves_only_the_finished_output(reference, tm
     monkeypatch.setenv("TFMQ_DEVICE", "cpu")
     tiny_unet("uncond").save_pretrained(tmp_path / "fp" / "unet")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "fp" / "scheduler")
-    setting = Setting("freeze-W4A8", "quantized", "freeze", "W4A8", str(tmp_path / "fp"), str(tmp_path / "quant"),
-                      str(tmp_path / "results"), str(tmp_path / "metrics.json"), _config())
     calib_dir = str(calib("uncond").path)
+    setting = Setting(name="freeze-W4A8", kind="quantized", method="freeze", bits="W4A8", model="fp",
+                      fp_dir=str(tmp_path / "fp"), calib_dir=calib_dir, quant_dir=str(tmp_path / "quant"),
+                      results_dir=str(tmp_path / "results"), metrics_path=str(tmp_path / "metrics.json"),
+                      config=_config())
     tib = recon_tib.fn(setting, calib_dir)
     partial, out = progress_dir(setting, "recon_blocks"), tmp_path / "quant" / "blocks"
     assert partial == tmp_path / "quant" / "blocks.partial"
