@@ -143,7 +143,6 @@ def _first(values: dict[str, Any], *prefixes: str) -> Any:
     return None
 
 
-@pipeline_task
 def score_fields(scored: dict[str, Any]) -> dict[str, Any]:
     """The metric fields of one scored image set (FID with interval, sFID, KID, IS and the domain IS)."""
     sc = scored["scores"]
