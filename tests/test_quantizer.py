@@ -197,17 +197,27 @@ def test_adaround_optimise_harden_finalize():
     assert float(lp_loss(layer(x), target).detach()) <= rtn * 1.05  # learned rounding is no worse than nearest
 
 
-@pytest.mark.parametrize("iters,warmup", [(100, 0.2), (10, 0.2), (40, 0.25)])
+@pytest.mark.parametrize("iters,warmup", [(100, 0.2), (10, 0.2), (40, 0.25), (10, 0.25)])
 def test_beta_schedule(iters, warmup):
-    start = round(warmup * iters)  # first step after warm-up (steps are 0-based: 0..iters-1)
+    # the released code counts iterations from 1: the regulariser is on once count = step + 1 >= warmup * iters
+    start = next(s for s in range(iters) if s + 1 >= warmup * iters)
     betas = [beta_schedule(s, iters, warmup, 20.0, 2.0) for s in range(iters)]
-    assert all(b is None for b in betas[:start])
-    assert betas[start] == pytest.approx(20.0)
+    assert all(b is None for b in betas[:start]) and betas[start] is not None
+    assert betas[start] == pytest.approx(20.0) if float(start + 1) == warmup * iters else betas[start] < 20.0
     assert betas[-1] == pytest.approx(2.0)  # beta reaches beta_end on the last optimisation step
     decay = betas[start:]
     assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing, linear
     diffs = [a - b for a, b in zip(decay, decay[1:])]
     assert max(diffs) == pytest.approx(min(diffs), rel=1e-9)
+
+
+def test_beta_schedule_matches_released_linear_temp_decay():
+    """BRECQ's LinearTempDecay(t_max=iters, rel_start_decay=warmup) at count = step + 1, written out by hand."""
+    iters, warmup, b0, b1 = 100, 0.2, 20.0, 2.0
+    assert beta_schedule(18, iters, warmup, b0, b1) is None  # count 19 < 20: warm-up
+    assert beta_schedule(19, iters, warmup, b0, b1) == pytest.approx(20.0)  # count 20: on, rel_t = 0
+    assert beta_schedule(59, iters, warmup, b0, b1) == pytest.approx(2.0 + 18.0 * (1 - 40 / 80))  # count 60
+    assert beta_schedule(99, iters, warmup, b0, b1) == pytest.approx(2.0)  # count 100 = t_max
 
 
 # --------------------------------------------------------------------------------------------

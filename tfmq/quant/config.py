@@ -91,8 +91,8 @@ class CalibConfig:
     fsc_batch_size: int = 16
     fsc_momentum: float = 0.95
     ptq4dm_n_total: int | None = None  # PTQ4DM NDTC rows (None: same count as the every-k set)
-    ptq4dm_mean_frac: float = 0.75  # normal over step index, mean at 75 % of the trajectory (small t)
-    ptq4dm_std_frac: float = 0.25
+    ptq4dm_t_mean: float = 0.4  # NDTC: t ~ N(0.4 T, 0.4 T), skewed to small t (PTQ4DM's released scripts)
+    ptq4dm_t_std: float = 0.4
 
     def validate(self, where: str) -> None:
         _positive_int(self.every_k, f"{where}.every_k")
@@ -105,9 +105,9 @@ class CalibConfig:
             raise ConfigError(f"{where}.fsc_momentum={self.fsc_momentum!r}: expected a value in [0, 1)")
         if self.ptq4dm_n_total is not None:
             _positive_int(self.ptq4dm_n_total, f"{where}.ptq4dm_n_total")
-        if not 0.0 <= self.ptq4dm_mean_frac <= 1.0:
-            raise ConfigError(f"{where}.ptq4dm_mean_frac={self.ptq4dm_mean_frac!r}: expected a fraction in [0, 1]")
-        _positive(self.ptq4dm_std_frac, f"{where}.ptq4dm_std_frac")
+        if not 0.0 <= self.ptq4dm_t_mean <= 1.0:
+            raise ConfigError(f"{where}.ptq4dm_t_mean={self.ptq4dm_t_mean!r}: expected a fraction of T in [0, 1]")
+        _positive(self.ptq4dm_t_std, f"{where}.ptq4dm_t_std")
 
 
 _NESTED = {"recon": ReconConfig, "tiar_recon": TiarConfig, "act_recon": ActReconConfig, "calib": CalibConfig}
@@ -128,6 +128,9 @@ class QuantConfig:
             method default.
         split_shortcut: Q-Diffusion's split quantizers for up-block ``conv_shortcut``. ``None``:
             method default.
+        softmax_bits: bits of the attention-probability quantizer when ``attention_matmul`` is on.
+            ``None``: the activation bits (Q-Diffusion's LDM scripts); Q-Diffusion's Stable Diffusion
+            runs keep the softmax at 16 bits (``softmax_bits=16``).
         tiar: run TIAR (only meaningful for ``tfmq``; the ablation switch).
         fsc: per-timestep activation ranges (only for ``tfmq``; the ablation switch).
         fsc_scope: ``tib`` (paper) or ``all`` (released code and its author).
@@ -156,6 +159,7 @@ class QuantConfig:
     policy: str | None = None
     attention_matmul: bool | None = None
     split_shortcut: bool | None = None
+    softmax_bits: int | None = None
     tiar: bool = True
     fsc: bool = True
     fsc_scope: str = "all"
@@ -182,6 +186,9 @@ class QuantConfig:
             raise ConfigError(f"weight_bits={self.weight_bits!r}: expected an integer in 2..8")
         if self.act_bits is not None and (not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 16):
             raise ConfigError(f"act_bits={self.act_bits!r}: expected an integer in 2..16, or null for weight-only")
+        if self.softmax_bits is not None and (not isinstance(self.softmax_bits, int) or isinstance(self.softmax_bits, bool)
+                                              or not 2 <= self.softmax_bits <= 16):
+            raise ConfigError(f"softmax_bits={self.softmax_bits!r}: expected an integer in 2..16, or null for the activation bits")
         if self.policy is not None and self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy!r}: expected one of {', '.join(POLICIES)} (or null for the method default)")
         if self.fsc_scope not in FSC_SCOPES:

@@ -54,7 +54,7 @@ def every_k_rows(calib, config: QuantConfig) -> dict[str, torch.Tensor]:
     from ..diffusion import calibration as cd
 
     _check_rows(calib, config.calib.n_per_step, "n_per_step")
-    return cd.every_kth_step(calib, config.calib.every_k, config.calib.n_per_step)
+    return cd.every_kth_step(calib, config.calib.every_k, config.calib.n_per_step, seed=config.seed)
 
 
 @register_step("weight_set", "ptq4dm")
@@ -68,8 +68,8 @@ def ptq4dm_rows(calib, config: QuantConfig) -> dict[str, torch.Tensor]:
     c = config.calib
     per_step = c.n_per_step if c.n_per_step is not None else calib.rows_per_step
     n_total = c.ptq4dm_n_total or len(range(0, calib.num_steps, c.every_k)) * per_step
-    # config: fraction along the trajectory (0.75 = late steps, small t); the selector takes t / T
-    return cd.ptq4dm_timesteps(calib, n_total, mean_frac=1.0 - c.ptq4dm_mean_frac, std_frac=c.ptq4dm_std_frac, seed=config.seed)
+    # t / T_train ~ N(ptq4dm_t_mean, ptq4dm_t_std): PTQ4DM's scripts use N(0.4, 0.4)
+    return cd.ptq4dm_timesteps(calib, n_total, mean_frac=c.ptq4dm_t_mean, std_frac=c.ptq4dm_t_std, seed=config.seed)
 
 
 def weight_calibration_rows(calib, config: QuantConfig, weight_set: str) -> dict[str, torch.Tensor]:

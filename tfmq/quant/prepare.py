@@ -183,7 +183,7 @@ def prepare_model(unet: nn.Module, config: QuantConfig, init: bool = True) -> nn
     if attention_matmul and config.act_bits is not None:
         for name, m in list(unet.named_modules()):
             if isinstance(m, Attention):
-                m.set_processor(QuantAttnProcessor(config.act_bits, ctx))
+                m.set_processor(QuantAttnProcessor(config.act_bits, ctx, softmax_bits=config.softmax_bits))
     state = QuantState(config=resolved, recipe=recipe, ctx=ctx)
     state.hook = unet.register_forward_pre_hook(_timestep_hook(ctx), with_kwargs=True)
     object.__setattr__(unet, "_tfmq", state)  # plain attribute: not a submodule, not in state_dict

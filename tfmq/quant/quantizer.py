@@ -396,10 +396,15 @@ class ActQuantizer(nn.Module):
 
 
 def beta_schedule(step: int, iters: int, warmup: float, beta_start: float, beta_end: float) -> float | None:
-    """AdaRound's beta: ``None`` (regulariser off) during warm-up, then linear start -> end."""
-    start = warmup * iters
-    if step < start:
-        return None
-    frac = (step - start) / max(iters - 1 - start, 1)  # 0-based steps: the last one (iters - 1) gets beta_end
-    return beta_end + (beta_start - beta_end) * max(0.0, 1.0 - frac)
+    """AdaRound's beta at 0-based ``step``: ``None`` (regulariser off) during warm-up, then linear start -> end.
 
+    As the released code (BRECQ / Q-Diffusion ``LossFunction`` + ``LinearTempDecay``), which counts
+    iterations from 1: with ``count = step + 1`` the regulariser is on from ``count >= warmup * iters``
+    with ``beta_start`` and decays linearly to ``beta_end`` at ``count = iters`` (the last step).
+    """
+    count = step + 1
+    start = warmup * iters
+    if count < start:
+        return None
+    frac = (count - start) / max(iters - start, 1)
+    return beta_end + (beta_start - beta_end) * max(0.0, 1.0 - frac)
