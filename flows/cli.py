@@ -48,6 +48,8 @@ def _setting(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--method", required=required, help="naive | freeze | ptq4dm | qdiffusion | tfmq (default: quant.method)")
     p.add_argument("--bits", required=required, help="W8A8 | W4A8 | W4A32 | W<w>A<a> (default: quant.weight_bits/act_bits)")
     p.add_argument("--name", default=None, help="output name under quant/ and results/ (default: <method>-<bits>)")
+    p.add_argument("--study", default=None,
+                   help="a named setting of studies.settings on studies.model (instead of --method/--bits/--name/--model)")
     _model_arg(p)
 
 
@@ -92,15 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace, params) -> list:
     """The run's settings, built once here (the edge) and passed down: none, one, or the compare grid."""
-    from tasks.setting import grid_settings, quantized_setting, unquantized_setting
+    from tasks.setting import (SettingError, grid_settings, quantized_setting, study_setting, study_settings,
+                               unquantized_setting)
 
     cmd = args.command
     if cmd == "check":
-        return grid_settings(params)
+        return grid_settings(params) + study_settings(params)
     if cmd == "compare":
-        return grid_settings(params, args.methods, args.bits, args.models)
+        studies = study_settings(params, args.models) if args.methods is None and args.bits is None else []
+        return grid_settings(params, args.methods, args.bits, args.models) + studies
     if cmd == "evaluate" and (args.fp or args.real):
         return [unquantized_setting(params, "fp" if args.fp else "real", args.name, args.model)]
+    if cmd in ("quantize", "evaluate", "run") and args.study is not None:
+        given = [f"--{k}" for k in ("method", "bits", "name", "model") if getattr(args, k) is not None]
+        if given or getattr(args, "fp", False) or getattr(args, "real", False):
+            raise SettingError(f"--study={args.study} names its method, bits, model and output name itself; "
+                               f"expected no {', '.join(given) or '--fp/--real'} with it")
+        return [study_setting(params, args.study)]
     if cmd in ("quantize", "evaluate", "run"):
         return [quantized_setting(params, args.method, args.bits, args.name, args.model)]
     return []

@@ -162,8 +162,54 @@ class Grid(Section):
         return v
 
 
+class Study(Section):
+    """One named setting beyond the grid: a recipe, bits and ``quant`` overrides (ablation switches, layer policy)."""
+
+    method: str
+    bits: str
+    quant: dict[str, Any]
+
+
+class Studies(Section):
+    """Named settings on ``model`` (the poster's inducement / ablation / equal-footing / activation-stress tables)."""
+
+    model: str
+    settings: dict[str, Study]
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _model_name("studies.model", v)
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, v: dict[str, Study]) -> dict[str, Study]:
+        from tfmq import RECIPES, ConfigError
+
+        for name, st in v.items():
+            where = f"studies.settings.{name}"
+            if not re.fullmatch(_MODEL_NAME, name):
+                raise ValueError(f"{where}: expected a file name (letters, digits, '.', '_', '-'); fix it in {_FILE}")
+            if st.method not in RECIPES:
+                raise ValueError(f"{where}.method={st.method!r}: expected a registered recipe ({', '.join(RECIPES)}); "
+                                 f"fix it in {_FILE}")
+            try:
+                ok = bits_name(st.bits) == st.bits
+            except ConfigError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{where}.bits={st.bits!r}: expected a bit setting like W8A8, W4A8, W4A32; fix it in {_FILE}")
+            bad = sorted({"method", "weight_bits", "act_bits"} & set(st.quant))
+            if bad:
+                raise ValueError(f"{where}.quant sets {', '.join(bad)}: expected only other quant keys (method and bits "
+                                 "are the study's own); "
+                                 f"fix it in {_FILE}")
+        return v
+
+
 class Report(Section):
     path: str
+    num_bootstrap: int  # rounds of the paired comparisons (FID / KID differences on shared resampled indices)
 
 
 class Mlflow(Section):
@@ -224,6 +270,7 @@ class Params(Section):
     reference: Reference
     eval: Eval
     grid: Grid
+    studies: Studies
     report: Report
     mlflow: Mlflow
 
@@ -258,6 +305,24 @@ class Params(Section):
             AutoencoderConfig(**self.autoencoder.model_dump(exclude={"out_dir"}))
         except (TypeError, ValueError) as e:
             raise ValueError(f"autoencoder: {e}; fix it in {_FILE}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _studies(self) -> "Params":
+        from tfmq import ConfigError, QuantConfig
+        from tfmq.quant.config import merge_quant
+
+        grid_names = {f"{m}-{b}" for m in self.grid.methods for b in self.grid.bits}
+        for name, st in self.studies.settings.items():
+            if self.studies.model in self.grid.models and name in grid_names:
+                raise ValueError(f"studies.settings.{name}: {self.studies.model}/{name} is already a grid setting; "
+                                 f"expected another name (e.g. {name.rsplit('-', 1)[0]}-variant-{st.bits}); fix it in {_FILE}")
+            w, a = parse_bits_pair(st.bits)
+            try:
+                QuantConfig.from_dict({**merge_quant(self.quant, st.quant), "method": st.method,
+                                       "weight_bits": w, "act_bits": a})
+            except (ConfigError, TypeError, ValueError) as e:
+                raise ValueError(f"studies.settings.{name}.quant: {e}; fix it in {_FILE}") from None
         return self
 
 
@@ -334,3 +399,10 @@ def bits_name(bits: str) -> str:
 
     w, a = parse_bits(bits)
     return QuantConfig(weight_bits=w, act_bits=a).bits_name
+
+
+def parse_bits_pair(bits: str) -> tuple[int, int | None]:
+    """``"W4A8" -> (4, 8)`` (tfmq's ``parse_bits``)."""
+    from tfmq import parse_bits
+
+    return parse_bits(bits)

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.params import Params, load_params
-from tasks.setting import Setting, grid_settings, unquantized_setting
+from tasks.setting import Setting, grid_settings, study_settings, unquantized_setting
 from flows.stages import (
     _OBJECTS,
     calib_data_flow,
@@ -48,15 +48,18 @@ def _missing(path: str) -> bool:
 @flow(name="compare")
 def compare(methods: list[str] | None = None, bits: list[str] | None = None, config: str = "params.yaml",
             rebuild: bool = False, models: list[str] | None = None) -> str:
-    """The model x method x bits grid plus the real-data, FP and autoencoder rows, then the results tables;
-    upstream outputs are built when missing (a model folder by the training section whose out_dir it is).
+    """The model x method x bits grid plus the real-data, FP and autoencoder rows and the named studies (when
+    neither ``methods`` nor ``bits`` narrows the grid), then the results tables; upstream outputs are built
+    when missing (a model folder by the training section whose out_dir it is).
 
     The deployment's entry point: it takes the params file's path, validates it and builds every
     setting once, before any work starts.
     """
     params = load_params(config)
-    models = models or params.grid.models
-    settings = grid_settings(params, methods, bits, models)
+    grid_models = models or params.grid.models
+    studies = study_settings(params, models) if methods is None and bits is None else []
+    settings = grid_settings(params, methods, bits, grid_models) + studies
+    models = list(dict.fromkeys([*grid_models, *(s.model for s in studies)]))  # + the studies' FP row and calib set
     trains = {str(Path(getattr(params, sec).out_dir)): sec for sec in TRAIN_SECTIONS}
     upstream = [(params.data.path, prepare_data_flow, ())]
     for model in models:

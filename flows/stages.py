@@ -128,4 +128,5 @@ def evaluate_flow(setting: Setting, params: Params) -> str:
 
 @flow(name="report", **_OBJECTS)
 def report_flow(params: Params) -> str:
-    return call(report_tasks.report, params.eval.out_dir, params.grid, params.report.path)
+    return call(report_tasks.report, params.eval.out_dir, params.grid, params.report.path, params.studies,
+                reference_file(params), params.report.num_bootstrap, params.eval.seed)

@@ -73,20 +73,60 @@ def sample_and_score(setting: Setting, e, sampler, reference: str, classifier: s
         x = model.to_images(x)
     images = to_uint8(x)
     save_grid(x[: e.grid_images], Path(setting.results_dir) / "plots" / "samples.png", nrow=8, scale=2)
-    scores, domain = score_images(images, labels, e, reference, classifier, times)
+    scores, domain = score_images(images, labels, e, reference, classifier, times, return_features=True)
+    features = scores.pop("features")
+    with timed(times, "paired"), timed(COMPUTE_TIMES, "metrics"):
+        paired = paired_against_fp(setting, images, features, labels, e)
     logger().info("sampled %d images in %.1f s, metrics in %.1f s", len(images), times["sample"], times["metrics"])
     return _jsonable({"scores": scores, "domain": domain, "times": times, "family": model.family.to_json(),
-                      "guidance_scale": guide["guidance_scale"]})
+                      "guidance_scale": guide["guidance_scale"], "paired": paired})
 
 
-def score_images(images, labels, e, reference: str, classifier: str, times: dict[str, float]):
-    """FID/sFID/KID/IS against ``reference`` and the domain IS of ``classifier``: the same for samples and real images."""
+def paired_against_fp(setting: Setting, images, features, labels, e) -> dict[str, Any] | None:
+    """Write this row's samples + features (``setting.paired_path``); for a quantized row also its per-sample MSE,
+    PSNR, SSIM and feature distance against the FP samples of the same noise, and return their means with
+    bootstrap intervals and the FID against the FP samples (``None`` without an FP paired file)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tfmq.evaluation.paired import fid_between, mean_interval, per_sample_vs_reference
+    from tfmq.io import atomic_save_safetensors
+
+    if setting.paired_path is None:
+        return None
+    tensors = {"images": images.contiguous(), "features": features.contiguous()}
+    if labels is not None:
+        tensors["class_labels"] = labels.to(torch.int64).cpu().contiguous()
+    summary = None
+    fp_path = Path(setting.fp_paired_path)
+    if setting.kind == "quantized":
+        if not fp_path.is_file():
+            logger().warning("paired metrics skipped: no FP samples at %s (run `tfmq evaluate --fp --model %s` first)",
+                             fp_path, setting.model)
+        else:
+            fp = load_file(str(fp_path))
+            if fp["images"].shape != images.shape:
+                raise ValueError(f"{fp_path} holds {tuple(fp['images'].shape)} FP samples but this run made "
+                                 f"{tuple(images.shape)}; expected the same eval.num_samples and seed: re-run evaluate --fp")
+            per = per_sample_vs_reference(fp["images"], images, fp["features"], features)
+            tensors.update({k: torch.from_numpy(v) for k, v in per.items()})
+            summary = {f"{k}_vs_fp": mean_interval(v, 1000, e.seed) for k, v in per.items()}
+            summary["fid_vs_fp"] = fid_between(features.double().numpy(), fp["features"].double().numpy())
+    atomic_save_safetensors(tensors, setting.paired_path, metadata={"setting": setting.name, "model": setting.model,
+                                                                     "seed": str(e.seed)})
+    return summary
+
+
+def score_images(images, labels, e, reference: str, classifier: str, times: dict[str, float],
+                 return_features: bool = False):
+    """FID/sFID/KID/IS against ``reference`` and the domain IS of ``classifier``: the same for samples and real images.
+    ``return_features``: the scores also carry the FID-layer ``features`` (a tensor: pop it before JSON)."""
     from tfmq.evaluation.metrics import compute_metrics
 
     with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
         scores = compute_metrics(images, reference, extractor=e.extractor, weights_path=e.inception_weights,
                                  num_bootstrap=e.num_bootstrap, bootstrap_seed=e.seed, device=device(),
-                                 progress=show_progress())
+                                 progress=show_progress(), return_features=return_features)
         domain = _domain_scores(classifier, images, labels)
     return scores, domain
 
@@ -123,8 +163,10 @@ def temporal_analysis(setting: Setting, e, sampler) -> dict[str, Any]:
                               layer_names=default_activation_layers(fp_unet)[: e.activation_layers],
                               progress=show_progress())
     cos, delta, traj = torch.tensor(rep["cos"]), torch.tensor(rep["delta_step"]), rep["trajectory"]
+    delta_all = torch.tensor(rep["delta_all_timestep"])
     rows = [{"timestep": t, "step": k, "temporal_cos": float(cos[k].mean()), "temporal_cos_min": float(cos[k].min()),
              "delta_step_mean_abs": float(delta[k].abs().double().mean()),
+             "delta_all_timestep_mean_abs": float(delta_all[k].abs().double().mean()),
              "trajectory_deviation": traj["rmse"][k + 1], "local_error": traj["local_rmse"][k]}
             for k, t in enumerate(rep["timesteps"])]
     buf = io.StringIO()
@@ -194,6 +236,11 @@ def write_metrics(setting: Setting, e, sampler, scored: dict[str, Any], temporal
         "eval_time_metrics_s": scored["times"].get("metrics"),
         "eval_time_decode_s": scored["times"].get("decode"),
     })
+    for key, v in (scored.get("paired") or {}).items():  # per-sample metrics against the FP samples of the same noise
+        if isinstance(v, dict):
+            m[key], (m[f"{key}_ci_low"], m[f"{key}_ci_high"]) = v["mean"], v["ci"]
+        else:
+            m[key] = v
     if floor is not None:
         m["autoencoder_floor"] = score_fields(floor)
     if temporal:

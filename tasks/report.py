@@ -45,8 +45,9 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _model_rows(results: Path, model: str, grid) -> list[tuple[str, str, dict[str, Any] | None]]:
-    """(method, bits, metrics) of one model: autoencoder floor (latent), FP, then bits x methods."""
+def _model_rows(results: Path, model: str, grid, studies=None) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """(method, bits, metrics) of one model: autoencoder floor (latent), FP, then bits x methods (then the named
+    studies when ``studies.model`` is this model: method = the study's name)."""
     rows: list[tuple[str, str, dict[str, Any] | None]] = []
     fp = _load(results / model / "fp.json")
     if fp is not None and fp.get("autoencoder_floor"):
@@ -55,6 +56,9 @@ def _model_rows(results: Path, model: str, grid) -> list[tuple[str, str, dict[st
     for bits in grid.bits:
         for method in grid.methods:
             rows.append((method, bits, _load(results / model / f"{method}-{bits}.json")))
+    if studies is not None and studies.model == model:
+        for name, st in studies.settings.items():
+            rows.append((f"study {name}", st.bits, _load(results / model / f"{name}.json")))
     return rows
 
 
@@ -84,13 +88,14 @@ def _summary_table(title: str, models: list[str], per_model: dict, real: dict | 
     return lines + [""]
 
 
-def build_table(out_dir: str, grid) -> tuple[str, list[dict[str, Any]]]:
+def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, Any]]]:
     """Markdown of the grid's metrics files under ``<eval.out_dir>/metrics/<model>/`` (missing settings show as
     'not run'): table 1 (unconditional models, FID and sFID per model), table 2a (class-conditional: IS, FID,
     sFID), then one detailed table per model (KID, IS, temporal error, quantization time)."""
     results = Path(out_dir) / "metrics"
     real = _load(results / "real.json")  # the real-data row (optional: an older run has none)
-    per_model = {model: _model_rows(results, model, grid) for model in grid.models}
+    models = list(grid.models) + ([studies.model] if studies is not None and studies.model not in grid.models else [])
+    per_model = {model: _model_rows(results, model, grid, studies) for model in models}
     present = [m for rows in per_model.values() for _, _, m in rows if m] + ([real] if real else [])
     extractors = sorted({m.get("extractor", "unknown") for m in present})
     if len(extractors) > 1:
@@ -133,22 +138,26 @@ def build_table(out_dir: str, grid) -> tuple[str, list[dict[str, Any]]]:
         lines += _summary_table(f"## Table 2a: class-conditional generation (IS / FID / sFID{scale})", cond,
                                 per_model, real, ("IS", "FID", "sFID"))
     table = []
-    for model in grid.models:
+    for model in models:
         fam = fams[model]
         lines += [f"## {model} ({fam.get('family', '?')}): all metrics", "",
-                  f"| Method | Bits | FID ({ref.get('extractor', '?')}) | sFID | KID | IS | temporal error | quant time (s) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| Method | Bits | FID ({ref.get('extractor', '?')}) | sFID | KID | IS | temporal error | quant time (s) "
+                  "| PSNR vs FP (dB) | FID vs FP |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         rows = ([("real images", "-", real)] if real else []) + per_model[model]
         for method, bits, m in rows:
             if m is None:
-                lines.append(f"| {method} | {bits} | not run | | | | | |")
+                lines.append(f"| {method} | {bits} | not run | | | | | | | |")
                 continue
             unq = method in ("FP", "real images", "autoencoder recon.")
+            paired = (f" {m['psnr_vs_fp']:.2f} [{m['psnr_vs_fp_ci_low']:.2f}, {m['psnr_vs_fp_ci_high']:.2f}]"
+                      if m.get("psnr_vs_fp") is not None else " -")
             extra = f" (PSNR {m['psnr_db']:.2f} dB)" if m.get("psnr_db") is not None else ""
             lines.append(
                 f"| {method}{extra} | {bits} | {_fid_cell(m)} | {_fmt(m.get('sfid'))} | {_kid_cell(m)} | {_is_cell(m)} | "
                 f"{'0' if method == 'FP' else '-' if unq else _temporal_cell(m)} | "
-                f"{'-' if unq else _fmt(m.get('quant_time_total_s'), 0)} |"
+                f"{'-' if unq else _fmt(m.get('quant_time_total_s'), 0)} |{paired} | "
+                f"{_fmt(m.get('fid_vs_fp')) if m.get('fid_vs_fp') is not None else '-'} |"
             )
             table.append({"model": model, "method": method, "bits": bits,
                           **{k: v for k, v in m.items() if k != "per_timestep"}})
@@ -157,11 +166,18 @@ def build_table(out_dir: str, grid) -> tuple[str, list[dict[str, Any]]]:
 
 
 @pipeline_task
-def report(out_dir: str, grid, path: str) -> str:
-    """Write the results table (``report.path``, Markdown) and print it."""
-    from tfmq.io import atomic_write_text
+def report(out_dir: str, grid, path: str, studies=None, reference_path: str | None = None, rounds: int = 200,
+           seed: int = 0) -> str:
+    """Write the results tables, the paired comparisons, the poster's tables and the claims (``report.path``,
+    Markdown; their data in ``<eval.out_dir>/claims.json``) and print them."""
+    from tasks.claims import paired_report
+    from tfmq.io import atomic_write_json, atomic_write_text
 
-    text, _ = build_table(out_dir, grid)
+    text, _ = build_table(out_dir, grid, studies)
+    if studies is not None:
+        sections, data = paired_report(out_dir, grid, studies, reference_path, rounds, seed)
+        text += "\n" + "\n".join(sections)
+        atomic_write_json(data, Path(out_dir) / "claims.json")
     atomic_write_text(text, path)
     logger().info("results table -> %s", path)
     print(text)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tfmq import QuantConfig, parse_bits
+from tfmq.quant.config import merge_quant
 
 if TYPE_CHECKING:  # tasks never import flows; the flows pass the validated params in
     from flows.params import Params
@@ -45,6 +46,12 @@ class Setting:
     results_dir: str  # results/<model>/<name>: plots/, temporal.csv
     metrics_path: str  # results/metrics/<model>/<name>.json: the DVC metrics file
     config: QuantConfig | None = None
+    paired_path: str | None = None  # results/paired/<model>/<name>.safetensors: samples + features for paired comparisons
+
+    @property
+    def fp_paired_path(self) -> str | None:
+        """The FP row's paired file of this model (the noise every setting shares)."""
+        return None if self.paired_path is None else str(Path(self.paired_path).with_name("fp.safetensors"))
 
     @property
     def quantized(self) -> bool:
@@ -79,14 +86,16 @@ def _places(params: "Params", model: str, name: str) -> dict[str, str]:
     return {"model": model, "fp_dir": str(Path(params.model.root) / model),
             "calib_dir": str(Path(params.calib_data.dir) / model),
             "results_dir": str(Path(params.eval.out_dir) / model / name),
-            "metrics_path": str(Path(params.eval.out_dir) / "metrics" / model / f"{name}.json")}
+            "metrics_path": str(Path(params.eval.out_dir) / "metrics" / model / f"{name}.json"),
+            "paired_path": str(Path(params.eval.out_dir) / "paired" / model / f"{name}.safetensors")}
 
 
 def quantized_setting(params: "Params", method: str | None = None, bits: str | None = None,
-                      name: str | None = None, model: str | None = None) -> Setting:
+                      name: str | None = None, model: str | None = None,
+                      overrides: dict | None = None) -> Setting:
     """The setting of ``method``/``bits`` (default: the ``quant`` section's own) on ``model`` (default:
-    ``model.name``), named ``<method>-<bits>``."""
-    q = dict(params.quant)
+    ``model.name``), named ``<method>-<bits>``; ``overrides``: quant keys to replace (a study's)."""
+    q = merge_quant(dict(params.quant), overrides or {})
     if method is not None:
         q["method"] = method
     if bits is not None:
@@ -113,6 +122,22 @@ def unquantized_setting(params: "Params", kind: str, name: str | None = None, mo
                        metrics_path=str(Path(params.eval.out_dir) / "metrics" / f"{name}.json"))
     return Setting(name=name, kind=kind, method=method, bits=bits, quant_dir=None,
                    **_places(params, model_name(params, model), name))
+
+
+def study_setting(params: "Params", name: str) -> Setting:
+    """The named study ``studies.settings.<name>`` on ``studies.model``."""
+    st = params.studies.settings.get(name)
+    if st is None:
+        raise SettingError(f"--study={name!r}: expected one of studies.settings "
+                           f"({', '.join(params.studies.settings) or 'none defined'})")
+    return quantized_setting(params, st.method, st.bits, name=name, model=params.studies.model, overrides=st.quant)
+
+
+def study_settings(params: "Params", models: list[str] | None = None) -> list[Setting]:
+    """Every study (none when ``models`` is given and leaves out ``studies.model``)."""
+    if models is not None and params.studies.model not in models:
+        return []
+    return [study_setting(params, n) for n in params.studies.settings]
 
 
 def grid_settings(params: "Params", methods: list[str] | None = None, bits: list[str] | None = None,

@@ -31,8 +31,10 @@ def test_committed_params_validate():
     params = load_params(REPO / "params.yaml")
     assert params.grid.methods == ["naive", "freeze", "ptq4dm", "qdiffusion", "tfmq"]
     assert params.grid.bits == ["W8A8", "W4A8"]
-    assert params.grid.models == ["fashion_ddpm", "fashion_ldm", "fashion_ldm_class"]
-    assert params.model.fp_dir == "models/fashion_ddpm" and params.sampler.guidance_scale == 3.0
+    assert params.grid.models == ["fashion_ldm", "fashion_ldm_class"]  # the paper's families; pixel: full profile
+    assert params.model.fp_dir == "models/fashion_ldm" and params.sampler.guidance_scale == 3.0
+    assert params.studies.model == "fashion_ldm" and {"brecq-W4A8", "tfmq-notiar-W4A8", "qdiffusion-eq-W4A8",
+                                                      "tfmq-W4A6"} <= set(params.studies.settings)
     assert params.quant == PARAMS["quant"]  # the quant section exactly as written (QuantConfig is built from it)
     assert params.train_fp.betas == (0.9, 0.999) and params.eval.inception_weights is None
 
@@ -43,17 +45,18 @@ def test_quick_profile_differs_only_where_marked():
     quick = yaml.safe_load(quick_text)
     load_params(REPO / "params-quick.yaml")
 
-    def leaves(d, prefix=""):
+    def leaves(d, prefix=""):  # studies.settings is one value: the quick profile runs fewer named studies
         out = {}
         for k, v in d.items():
-            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+            deeper = isinstance(v, dict) and v and f"{prefix}{k}" != "studies.settings"
+            out.update(leaves(v, f"{prefix}{k}.") if deeper else {f"{prefix}{k}": v})
         return out
 
     a, b = leaves(PARAMS), leaves(quick)
     assert set(a) == set(b)
     changed = {k for k in a if a[k] != b[k]}
     marked = [ln for ln in quick_text.splitlines() if ln.rstrip().endswith("# quick")]
-    assert len(changed) == len(marked) == 11, changed
+    assert len(changed) == len(marked) == 12, changed
     assert {"eval.out_dir", "quant_out.dir", "calib_data.dir", "report.path"} <= changed  # never the DVC outputs
     assert quick["grid"]["models"] == PARAMS["grid"]["models"]  # every family, fewer settings
 
@@ -107,6 +110,12 @@ def test_unknown_key_is_named(tmp_path, path, bad_key, value):
         (("quant", "method"), "gptq", "method"),
         (("grid", "bits"), ["W4A8", "W4"], "grid.bits"),
         (("data", "check_counts"), "yes", "data.check_counts"),
+        (("studies", "settings", "brecq-W4A8", "method"), "gptq", "studies.settings.brecq-W4A8.method"),
+        (("studies", "settings", "brecq-W4A8", "bits"), "W4", "studies.settings.brecq-W4A8.bits"),
+        (("studies", "settings", "tfmq-W4A6", "quant"), {"fsc_scope": "half"}, "studies.settings.tfmq-W4A6.quant"),
+        (("studies", "settings", "tfmq-W4A6", "quant"), {"act_bits": 4}, "studies.settings.tfmq-W4A6.quant sets act_bits"),
+        (("studies", "settings", "tfmq-W4A8"), {"method": "tfmq", "bits": "W4A8", "quant": {}},
+         "studies.settings.tfmq-W4A8: fashion_ldm/tfmq-W4A8 is already a grid setting"),
     ],
 )
 def test_mistyped_value_is_named(tmp_path, path, value, expect):
@@ -177,7 +186,9 @@ def test_report_tables(tmp_path):
     (m / "ldmc" / "fp.json").write_text(json.dumps({**_metrics(30.0), "family": "latent-class", "conditioning": "class",
                                                     "guidance_scale": 3.0, "autoencoder_floor": floor}))
     (m / "ldmc" / "naive-W4A8.json").write_text(json.dumps({**_metrics(40.0), "family": "latent-class",
-                                                            "conditioning": "class", "guidance_scale": 3.0}))
+                                                            "conditioning": "class", "guidance_scale": 3.0,
+                                                            "psnr_vs_fp": 31.5, "psnr_vs_fp_ci_low": 31.0,
+                                                            "psnr_vs_fp_ci_high": 32.0, "fid_vs_fp": 12.25}))
     text, rows = build_table(str(tmp_path), grid)
     t1 = table_rows(text, "## Table 1")
     assert [r[0] for r in t1] == ["real images", "FP", "naive", "tfmq"]  # no autoencoder row: pix is pixel
@@ -189,8 +200,8 @@ def test_report_tables(tmp_path):
     assert t2[1][2:] == ["5.00 ± 0.10", "3.00 [2.0, 4.0]", "6.00"] and t2[3][2:] == ["5.00 ± 0.10", "40.00 [39.0, 41.0]", "80.00"]
     assert t2[4][2:] == ["not run"] * 3
     detail = table_rows(text, "## ldmc")
-    assert detail[0][0] == "autoencoder recon. (PSNR 23.91 dB)" and detail[0][6:] == ["-", "-"]
-    assert detail[2][6:] == [f"{(1 - 0.99) * 1e4:.1f}", "12"]
+    assert detail[0][0] == "autoencoder recon. (PSNR 23.91 dB)" and detail[0][6:] == ["-", "-", "-", "-"]
+    assert detail[2][6:] == [f"{(1 - 0.99) * 1e4:.1f}", "12", "31.50 [31.00, 32.00]", "12.25"]  # paired vs FP
     assert {(r["model"], r["method"]) for r in rows} == {("pix", "FP"), ("pix", "tfmq"), ("ldmc", "autoencoder recon."),
                                                          ("ldmc", "FP"), ("ldmc", "naive")}
 
@@ -198,7 +209,7 @@ def test_report_tables(tmp_path):
     text, _ = build_table(str(tmp_path), grid)
     assert table_rows(text, "## Table 1")[0][2:] == ["7.25 [6.2, 8.2]", "14.50"]
     real = table_rows(text, "## pix")[0]
-    assert real[0] == "real images" and real[6:] == ["-", "-"]  # no temporal error, no quant time
+    assert real[0] == "real images" and real[6:] == ["-", "-", "-", "-"]  # no temporal error, quant time, pairing
 
     (m / "pix" / "naive-W4A8.json").write_text(json.dumps(_metrics(20.0, extractor="inception-v3-compat-sfid")))
     with pytest.raises(ValueError, match="cannot share a table"):
@@ -233,10 +244,10 @@ def test_mlflow_store_is_absolute_and_survives_dvc_temp_dirs(monkeypatch, tmp_pa
 def test_setting_carries_the_config_the_stages_used_to_build():
     """Same QuantConfig as the quant section with method/bits replaced (the default run's numbers stay put)."""
     from tfmq import QuantConfig
-    from tasks.setting import grid_settings, quantized_setting, unquantized_setting
+    from tasks.setting import grid_settings, quantized_setting, study_setting, unquantized_setting
 
     params = load_params(REPO / "params.yaml")
-    s = quantized_setting(params, "qdiffusion", "W4A32")
+    s = quantized_setting(params, "qdiffusion", "W4A32", model="fashion_ddpm")
     assert s.config == QuantConfig.from_dict(dict(PARAMS["quant"], method="qdiffusion", weight_bits=4, act_bits=None))
     assert (s.name, s.method, s.bits) == ("qdiffusion-W4A32", "qdiffusion", "W4A32")
     assert (s.quant_dir, s.results_dir, s.metrics_path, s.checkpoint, s.fp_dir, s.calib_dir, s.model) == (
@@ -246,16 +257,27 @@ def test_setting_carries_the_config_the_stages_used_to_build():
     assert s.config.recon.iters == 100 and s.config.calib.every_k == 2
     exp = quantized_setting(params, name="exp")  # the *_exp stages: the quant section as written
     assert exp.config == QuantConfig.from_dict(PARAMS["quant"]) and exp.bits == "W4A8"
-    assert exp.quant_dir == "quant/fashion_ddpm/exp"
+    assert exp.quant_dir == "quant/fashion_ldm/exp"
     assert quantized_setting(params, "tfmq", "w4a64").name == "tfmq-W4A32"  # one canonical name, tfmq's
     ldm = quantized_setting(params, "tfmq", "W4A8", model="fashion_ldm_class")
     assert (ldm.fp_dir, ldm.calib_dir, ldm.quant_dir, ldm.metrics_path) == (
         "models/fashion_ldm_class", "calib/fashion_ldm_class", "quant/fashion_ldm_class/tfmq-W4A8",
         "results/metrics/fashion_ldm_class/tfmq-W4A8.json")
     grid = grid_settings(params)
-    assert [(g.model, g.name) for g in grid[:6]] == [("fashion_ddpm", n) for n in (
-        "naive-W8A8", "freeze-W8A8", "ptq4dm-W8A8", "qdiffusion-W8A8", "tfmq-W8A8", "naive-W4A8")]
-    assert len(grid) == 30 and [g.model for g in grid[10::10]] == ["fashion_ldm", "fashion_ldm_class"]
+    n = len(params.grid.methods)
+    assert [(g.model, g.name) for g in grid[: n + 1]] == [("fashion_ldm", f"{m}-W8A8") for m in params.grid.methods] + [
+        ("fashion_ldm", f"{params.grid.methods[0]}-W4A8")]
+    assert len(grid) == 4 * n and [g.model for g in grid[2 * n::2 * n]] == ["fashion_ldm_class"]
+    study = study_setting(params, "tfmq-notiar-W4A8")
+    assert (study.model, study.name, study.method, study.bits, study.config.tiar, study.config.fsc) == (
+        "fashion_ldm", "tfmq-notiar-W4A8", "tfmq", "W4A8", False, True)
+    assert study.quant_dir == "quant/fashion_ldm/tfmq-notiar-W4A8"
+    assert study.paired_path == "results/paired/fashion_ldm/tfmq-notiar-W4A8.safetensors"
+    assert study.fp_paired_path == "results/paired/fashion_ldm/fp.safetensors"
+    eq = study_setting(params, "qdiffusion-eq-W4A8").config
+    assert (eq.policy, eq.attention_matmul, eq.split_shortcut, eq.recon) == ("tfmq", False, False, s.config.recon)
+    with pytest.raises(ValueError, match="--study='nope': expected one of studies.settings"):
+        study_setting(params, "nope")
     fp, real = unquantized_setting(params, "fp"), unquantized_setting(params, "real")
     assert (fp.method, fp.bits, fp.config, fp.checkpoint) == ("fp", "W32A32", None, None)
     assert unquantized_setting(params, "fp", model="fashion_ldm").metrics_path == "results/metrics/fashion_ldm/fp.json"

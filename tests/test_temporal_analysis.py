@@ -118,6 +118,24 @@ def test_perturbed_time_emb_proj_lowers_cos_only_for_that_resnet():
     torch.testing.assert_close(mm["delta_timestep"], ts[mm["argmax_step"]] - ts[:, None])
 
 
+def test_mismatch_against_every_training_timestep():
+    """Candidates = all 1000 training timesteps: a quantized feature that equals the FP one of a timestep the sampler
+    never visits is found there (delta in training timesteps), where the sampler's list alone cannot see it."""
+    fp = _unet()
+    every = T.measure_temporal_features(fp, list(range(1000)), method="direct")
+    hooks = T.measure_temporal_features(fp, TIMESTEPS)
+    for a, b in zip(hooks.features, [x[TIMESTEPS] for x in every.features]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # direct == hooks for an FP model
+    shifted = copy.deepcopy(hooks)  # the 'quantized' features: each step's FP feature of t - 37
+    shifted.features = [x[[t - 37 if t >= 37 else t + 37 for t in TIMESTEPS]] for x in every.features]
+    mm = T.temporal_mismatch(hooks, shifted, candidates=every)
+    want = torch.tensor([-37 if t >= 37 else 37 for t in TIMESTEPS])[:, None].expand(-1, N_RESNETS)
+    assert torch.equal(mm["delta_timestep"], want) and mm["mismatched_fraction"] == 1.0
+    assert torch.equal(mm["best_timestep"], torch.tensor(TIMESTEPS)[:, None] + want)
+    own = T.temporal_mismatch(hooks, shifted)  # the sampler's 6 timesteps cannot express a 37-step shift
+    assert not torch.equal(own["delta_timestep"], want)
+
+
 def _ddim_by_hand(unet, x, steps, eta=0.0):
     """Plain DDIM loop (diffusers' scheduler.step) from a given x_T: the reference for trajectory_deviation."""
     sched = DDIMScheduler(num_train_timesteps=1000)

@@ -63,6 +63,7 @@ def compute_metrics(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    return_features: bool = False,
 ) -> dict:
     """FID (+95 % bootstrap CI), sFID, KID and IS of generated images against cached reference stats.
 
@@ -72,6 +73,8 @@ def compute_metrics(
         extractor: optional; must equal the reference's extractor (numbers of two networks never mix).
         metrics: subset of ``("fid", "sfid", "kid", "is")``.
         num_bootstrap: bootstrap rounds for the FID CI; 0 skips it.
+        return_features: also return the FID-layer features (``"features"``: float32 [N, D] tensor), for
+            the paired comparisons of ``tfmq.evaluation.paired``.
 
     Returns:
         ``{"values": {"fid/<ext>": ..., "fid_ci95_low/<ext>": ..., "sfid/<ext>" or "sfid_proxy/<ext>",
@@ -147,7 +150,9 @@ def compute_metrics(
         label = "IS (Inception logits)" if is_inception else "IS-proxy (efficientnet-lite0 ImageNet logits)"
         details["is"] = {**s, "value": s["mean"], "key": key, "label": label, "feature": spec.logits_feature,
                          "seconds": seconds["is"]}
+    out_features = {"features": feats[spec.fid_feature].float().cpu()} if return_features and spec.fid_feature in feats else {}
     return {
+        **out_features,
         "values": values,
         "metrics": details,
         "extractor": ext,

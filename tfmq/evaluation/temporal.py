@@ -72,6 +72,12 @@ def temporal_report(
     g = measure_temporal_features(q, ts, class_label, "hooks", unet_kwargs)
     err = temporal_feature_error(f, g, plot_path=out_dir / "temporal_feature_error.png")
     mm = temporal_mismatch(f, g, plot_path=out_dir / "temporal_mismatch.png")
+    # against every training timestep (not only the sampler's, which are 1000/steps apart): the FP embedding path
+    # in one batch ("direct" equals the hooks within float round-off for an FP model)
+    big_t = int(getattr(scheduler.config, "num_train_timesteps", 1000))
+    direct_ok = getattr(fp.config, "addition_embed_type", None) is None
+    every = measure_temporal_features(fp, list(range(big_t)), class_label, "direct" if direct_ok else "hooks", unet_kwargs)
+    mm_all = temporal_mismatch(f, g, candidates=every)
     labels = None if class_label is None else torch.full((num_samples,), int(class_label), dtype=torch.long)
     traj = trajectory_deviation(fp, q, scheduler, num_inference_steps, num_samples, seed, eta, labels, unet_kwargs,
                                 out_dir / "trajectory_deviation.png", progress)
@@ -86,12 +92,15 @@ def temporal_report(
         "temporal_cos_min": err["min_cos"],
         "mismatched_fraction": mm["mismatched_fraction"],
         "delta_step_mean_abs": float(mm["delta_step"].abs().double().mean()),
+        "delta_all_timestep_mean_abs": float(mm_all["delta_timestep"].abs().double().mean()),
+        "mismatched_fraction_all": mm_all["mismatched_fraction"],
         "trajectory_rmse_final": traj["final_rmse"],
         "trajectory_rmse_mean": float(sum(traj["rmse"]) / len(traj["rmse"])),
         "local_rmse_mean": float(sum(traj["local_rmse"]) / len(traj["local_rmse"])),
     }
     report = {"summary": summary, "timesteps": ts, "resnets": err["names"], "cos": err["cos"].tolist(),
               "delta_step": mm["delta_step"].tolist(), "delta_timestep": mm["delta_timestep"].tolist(),
+              "delta_all_timestep": mm_all["delta_timestep"].tolist(),
               "trajectory": {k: v for k, v in traj.items()}, "activation_ranges": ranges,
               "index_space": mm["index_space"]}
     atomic_write_json(report, out_dir / "temporal.json")

@@ -162,10 +162,14 @@ def temporal_mismatch(
     method: str = "hooks",
     unet_kwargs: dict | None = None,
     plot_path: str | Path | None = None,
+    candidates: TemporalFeatures | None = None,
 ) -> dict:
     """Temporal information mismatch ``delta_{t,i} = argmax_{t'} cos(emb_{t',i}, emb^q_{t,i}) - t``.
 
-    ``t'`` ranges over the same timestep list. Two index spaces are returned:
+    ``t'`` ranges over the same timestep list, or with ``candidates`` (FP features of another timestep list,
+    e.g. every training timestep) over that list: then only ``delta_timestep`` (training-timestep units)
+    and ``best_timestep`` are meaningful, and ``delta_step`` is the index shift within ``candidates``.
+    Two index spaces are returned:
 
     * ``delta_step`` [T, n]: in sampler-step indices (position in ``timesteps``, first = noisiest);
       positive = the quantized feature looks like a *later* (less noisy) step.
@@ -177,28 +181,36 @@ def temporal_mismatch(
     _check_same_layout(f, g)
     T = len(f.timesteps)
     ts = torch.tensor(f.timesteps)
+    cand = f
+    if candidates is not None:
+        if candidates.names != f.names:
+            raise ValueError("candidate features come from another architecture (residual blocks differ)")
+        cand = candidates
+    cts = torch.tensor(cand.timesteps)
     best_idx, best_cos = [], []
-    for a, b in zip(f.features, g.features):
+    for a, b in zip(cand.features, g.features):
         a = a.double() / a.double().norm(dim=-1, keepdim=True).clamp_min(1e-300)
         b = b.double() / b.double().norm(dim=-1, keepdim=True).clamp_min(1e-300)
         sim = b @ a.T  # [t (quantized), t' (FP)]
         c, j = sim.max(dim=1)
         best_idx.append(j)
         best_cos.append(c)
-    argmax = torch.stack(best_idx, dim=1)  # [T, n]
-    delta_step = argmax - torch.arange(T)[:, None]
-    delta_timestep = ts[argmax] - ts[:, None]
+    argmax = torch.stack(best_idx, dim=1)  # [T, n] index into the candidate list
+    own = torch.tensor([cand.timesteps.index(int(t)) if int(t) in cand.timesteps else -1 for t in f.timesteps])
+    delta_step = argmax - (torch.arange(T) if candidates is None else own)[:, None]
+    delta_timestep = cts[argmax] - ts[:, None]
     out = {
         "delta_step": delta_step,
         "delta_timestep": delta_timestep,
+        "best_timestep": cts[argmax],
         "argmax_step": argmax,
         "best_cos": torch.stack(best_cos, dim=1),
         "names": f.names,
         "timesteps": f.timesteps,
-        "mismatched_fraction": float((delta_step != 0).double().mean()),
+        "mismatched_fraction": float((delta_timestep != 0).double().mean()),
         "index_space": "delta_step: sampler-step index; delta_timestep: training timesteps",
     }
-    if plot_path is not None:
+    if plot_path is not None and candidates is None:
         from tfmq.evaluation.plots import plot_temporal_mismatch
 
         plot_temporal_mismatch(delta_step, f.names, f.timesteps, plot_path)

@@ -247,6 +247,15 @@ def cap_stage_iters(config: QuantConfig, stage: str) -> tuple[QuantConfig, dict[
     return dataclasses.replace(config, **{name: dataclasses.replace(sub, iters=cap)}), capped
 
 
+def merge_quant(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A ``QuantConfig`` dict ``base`` with ``overrides`` applied; nested sections (``recon``, ``calib``, ...)
+    merge key by key, so ``{"recon": {"iters": 400}}`` keeps the other ``recon`` keys."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def parse_bits(name: str) -> tuple[int, int | None]:
     """``"W4A8" -> (4, 8)``; ``"W4A32"`` (A32 and up) means weight-only -> ``(4, None)``."""
     m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", str(name).strip())
