@@ -45,7 +45,7 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _setting(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--method", required=required, help="naive | freeze | ptq4dm | qdiffusion | tfmq (default: quant.method)")
+    p.add_argument("--method", required=required, help="naive | brecq | freeze | ptq4dm | qdiffusion | ptqd | tfmq (default: quant.method)")
     p.add_argument("--bits", required=required, help="W8A8 | W4A8 | W4A32 | W<w>A<a> (default: quant.weight_bits/act_bits)")
     p.add_argument("--name", default=None, help="output name under quant/ and results/ (default: <method>-<bits>)")
     p.add_argument("--study", default=None,

@@ -43,10 +43,14 @@ def write_idx_dataset(root: Path, n_train: int = 64, n_test: int = 32, seed: int
     return root
 
 
+MICRO_STUDY = {"tfmq-nofsc-W4A8": {"method": "tfmq", "bits": "W4A8", "quant": {"fsc": False}}}
+
+
 def micro_params(data_root: Path, mlflow_uri: str, methods: list[str], bits: list[str],
-                 models: list[str] | None = None) -> dict[str, Any]:
+                 models: list[str] | None = None, studies: dict[str, Any] | None = None) -> dict[str, Any]:
     """The repo's params.yaml with every size shrunk (same keys, so it passes the same validation);
-    ``models``: grid.models (default: the repo's, i.e. pixel, latent and class-conditional latent)."""
+    ``models``: grid.models (default: the repo's, the latent and class-conditional latent families);
+    ``studies``: studies.settings on fashion_ldm (default: one ablation row, ``MICRO_STUDY``)."""
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     p = copy.deepcopy(p)
     p["data"].update(root=str(data_root), check_counts=False)
@@ -68,6 +72,8 @@ def micro_params(data_root: Path, mlflow_uri: str, methods: list[str], bits: lis
     p["eval"].update(num_samples=16, batch_size=16, num_bootstrap=4, grid_images=8, temporal_samples=2,
                      activation_layers=2)
     p["grid"].update(methods=methods, bits=bits, models=models or p["grid"]["models"])
+    p["studies"].update(model="fashion_ldm", settings=MICRO_STUDY if studies is None else studies)
+    p["report"].update(num_bootstrap=20)
     p["mlflow"].update(experiment="micro", tracking_uri=mlflow_uri)
     return p
 

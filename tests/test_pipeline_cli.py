@@ -68,9 +68,9 @@ def test_missing_fp_dir(capsys, tmp_path):
     cfg = _cfg(tmp_path, model__root=str(tmp_path / "nope"))
     for argv in (["quantize", "--method", "tfmq", "--bits", "W4A8"], ["check"], ["calib-data"], ["evaluate", "--fp"]):
         line = _refused(capsys, [*argv, "--config", cfg])
-        assert "model.root/model.name=" in line and str(tmp_path / "nope" / "fashion_ddpm") in line, argv
-    line = _refused(capsys, ["quantize", "--model", "fashion_ldm", "--method", "tfmq", "--bits", "W4A8", "--config", cfg])
-    assert "model.root/fashion_ldm=" in line and str(tmp_path / "nope" / "fashion_ldm") in line
+        assert "model.root/model.name=" in line and str(tmp_path / "nope" / "fashion_ldm") in line, argv
+    line = _refused(capsys, ["quantize", "--model", "fashion_ldm_class", "--method", "tfmq", "--bits", "W4A8", "--config", cfg])
+    assert "model.root/fashion_ldm_class=" in line and str(tmp_path / "nope" / "fashion_ldm_class") in line
     assert "--model='../x'" in _refused(capsys, ["calib-data", "--model", "../x"])
 
 
@@ -109,12 +109,12 @@ def test_check_success_prints_what_the_run_uses(capsys):
     assert main(["check"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "params.yaml: OK"
-    assert out[1:4] == ["model fashion_ddpm: models/fashion_ddpm (pixel, UNet2DModel)",
-                        "model fashion_ldm: models/fashion_ldm (latent, UNet2DModel)",
+    assert out[1:3] == ["model fashion_ldm: models/fashion_ldm (latent, UNet2DModel)",
                         "model fashion_ldm_class: models/fashion_ldm_class (latent-class, UNet2DModel)"]
-    assert out[5] == "extractor: efficientnet-lite0-112"
-    assert out[6].startswith("settings: 30 (fashion_ddpm/naive-W8A8, fashion_ddpm/freeze-W8A8,")
-    assert out[6].endswith("fashion_ldm_class/tfmq-W4A8)")
+    assert out[4] == "extractor: efficientnet-lite0-112"
+    assert out[5].startswith("settings: 38 (fashion_ldm/naive-W8A8, fashion_ldm/freeze-W8A8,")  # 24 grid + 14 studies
+    assert "fashion_ldm_class/tfmq-W4A8, fashion_ldm/brecq-W8A8," in out[5]
+    assert out[5].endswith("fashion_ldm/tfmq-nofsc-W4A6)")
 
 
 # --- a truncated or foreign checkpoint ----------------------------------------------------------

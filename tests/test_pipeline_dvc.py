@@ -29,9 +29,10 @@ STAGE_ENTRIES = {
     "calib_data": ["tasks/calibration.py"],
     "run": ["tasks/quantize.py", "tasks/evaluate.py", "tasks/tracking.py"],
     "run_exp": ["tasks/quantize.py", "tasks/evaluate.py", "tasks/tracking.py"],
+    "run_study": ["tasks/quantize.py", "tasks/evaluate.py", "tasks/tracking.py"],
     "evaluate_fp": ["tasks/evaluate.py", "tasks/real.py", "tasks/tracking.py"],
     "evaluate_real": ["tasks/real.py", "tasks/tracking.py"],
-    "report": ["tasks/report.py"],
+    "report": ["tasks/report.py", "tasks/claims.py"],
 }
 #: wiring, deliberately not a dep (see the header of dvc.yaml)
 WIRING = ("tasks/common.py", "flows/")
@@ -90,7 +91,8 @@ def test_every_stage_has_entries():
 
 @pytest.mark.parametrize("stage", sorted(STAGE_ENTRIES))
 def test_stage_code_deps_cover_imports(stage):
-    deps = [d for d in _dvc_stages()[stage]["deps"] if "${" not in d]
+    body = _dvc_stages()[stage]
+    deps = [d for d in body.get("do", body)["deps"] if "${" not in d]  # a foreach stage keeps them under do:
     for d in deps:
         assert (REPO / d).exists(), f"{stage}: dep {d} does not exist"
 
@@ -111,9 +113,13 @@ def test_stage_params_exist_in_params_yaml():
                 walk(v, prefix + k + ".")
 
     walk(PARAMS)
+    studies = list(PARAMS["studies"]["settings"])
     for name, stage in _dvc_stages().items():
-        for key in stage.get("params", []):
-            assert key in flat, f"{name}: params key {key} not in params.yaml"
+        for key in stage.get("do", stage).get("params", []):
+            keys = [key.replace("${key}", s) for s in studies] if "${key}" in key else [key]
+            for k in keys:
+                assert k in flat, f"{name}: params key {k} not in params.yaml"
+    assert _dvc_stages()["run_study"]["foreach"] == "${studies.settings}"
 
 
 def test_grid_matrix_reads_params():
@@ -147,7 +153,8 @@ def test_every_listed_dep_path_exists(stage):
             d = d.replace("${" + key + "}", str(node)) if node is not None else d
         return d
 
-    code = [resolve(d) for d in _dvc_stages()[stage]["deps"] if resolve(d).startswith(("tfmq/", "tasks/", "flows/"))]
+    body = _dvc_stages()[stage]
+    code = [resolve(d) for d in body.get("do", body)["deps"] if resolve(d).startswith(("tfmq/", "tasks/", "flows/"))]
     assert code, stage
     missing = [d for d in code if not (REPO / d).exists()]
     assert not missing, f"{stage}: deps {missing} do not exist"

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline_fixtures import make_workspace, micro_params, subprocess_env, table_rows, write_idx_dataset
@@ -40,7 +41,7 @@ def compared(prefect_api, data_root, tmp_path_factory):
     import os
 
     ws = tmp_path_factory.mktemp("ws")
-    params = micro_params(data_root, f"sqlite:///{ws / 'mlflow.db'}", *GRID)
+    params = micro_params(data_root, f"sqlite:///{ws / 'mlflow.db'}", *GRID, models=list(MODELS))
     make_workspace(ws, params)
     import torch
 
@@ -111,6 +112,47 @@ def test_compare_flow_writes_every_output(compared):
     assert json.loads((ws / "calib" / "fashion_ldm" / "meta.json").read_text())["cfg"] is False
 
 
+
+def test_paired_metrics_studies_and_claims(compared):
+    """Every quantized row is compared image by image with the FP samples of the same noise; the study row ran with
+    its override; the report has the poster's tables and the claims, with their data in claims.json."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from tfmq.evaluation.paired import per_sample_vs_reference
+
+    ws, table_path = compared
+    for model in MODELS:
+        fp = load_file(str(ws / "results" / "paired" / model / "fp.safetensors"))
+        assert fp["images"].dtype == torch.uint8 and tuple(fp["images"].shape) == (16, 1, 28, 28)
+        assert fp["features"].shape[0] == 16 and "psnr" not in fp
+        for name in ("naive-W4A8", "tfmq-W4A8"):
+            m = _metrics(ws, model, name)
+            q = load_file(str(ws / "results" / "paired" / model / f"{name}.safetensors"))
+            assert q["features"].shape == fp["features"].shape and q["psnr"].shape == (16,)
+            again = per_sample_vs_reference(fp["images"], q["images"], fp["features"], q["features"])
+            for key in ("psnr", "ssim", "mse", "feat_dist"):  # the stored per-sample values are these images'
+                np.testing.assert_allclose(q[key].numpy(), again[key], rtol=1e-12)
+                assert m[f"{key}_vs_fp"] == pytest.approx(float(again[key].mean()), rel=1e-12)
+                assert m[f"{key}_vs_fp_ci_low"] <= m[f"{key}_vs_fp"] <= m[f"{key}_vs_fp_ci_high"]
+            assert -1.0 <= m["ssim_vs_fp"] < 1.0 and m["fid_vs_fp"] > 0 and m["psnr_vs_fp"] > 0
+            assert m["delta_all_timestep_mean_abs"] >= 0 and 0 <= m["mismatched_fraction_all"] <= 1
+    study = _metrics(ws, "fashion_ldm", "tfmq-nofsc-W4A8")
+    header = json.loads((ws / "quant" / "fashion_ldm" / "tfmq-nofsc-W4A8" / "model" / "quant_config.json").read_text())
+    assert (study["method"], study["bits"], header["config"]["fsc"], header["fsc_scope"]) == ("tfmq", "W4A8", False, None)
+    table = (ws / table_path).read_text()
+    assert "## Claims of the poster" in table and "## Poster table: ablation, W4A8 (fashion_ldm)" in table
+    abl = {r[0]: r for r in table_rows(table, "## Poster table: ablation")}
+    row = abl["w/o FSC (TIAR only) (`tfmq-nofsc-W4A8`)"]
+    assert row[1] == f"{study['fid']:.2f}" and row[4].count("[") == 1  # a paired FID difference with its interval
+    claims = json.loads((ws / "results" / "claims.json").read_text())
+    assert [c["claim"][:3] for c in claims["claims"]] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
+    assert all(c["status"] in ("reproduced", "refuted", "mixed", "inconclusive", "not run") for c in claims["claims"])
+    (c_abl,) = [c for c in claims["comparisons"]["ablation"] if c["a"] == "tfmq-nofsc-W4A8"]
+    assert c_abl["n"] == 16 and c_abl["fid"]["ci"][0] <= c_abl["fid"]["diff"] <= c_abl["fid"]["ci"][1]
+    assert c_abl["fid"]["diff"] == pytest.approx(study["fid"] - _metrics(ws, "fashion_ldm", "tfmq-W4A8")["fid"], rel=1e-6)
+
+
 def test_report_numbers_are_the_metrics_files(compared):
     """Each table cell is its metrics JSON's number, formatted: a report that mixed rows up would fail here."""
     ws, table_path = compared
@@ -120,6 +162,8 @@ def test_report_numbers_are_the_metrics_files(compared):
         expect = [("real images", "real"), ("FP", "fp"), ("naive", "naive-W4A8"), ("tfmq", "tfmq-W4A8")]
         if model != "fashion_ddpm":
             expect.append(("autoencoder recon.", "floor"))
+        if model == "fashion_ldm":  # studies.model: its named studies follow the grid
+            expect.append(("study tfmq-nofsc-W4A8", "tfmq-nofsc-W4A8"))
         assert set(rows) == {label for label, _ in expect}
         for label, name in expect:
             m = _metrics(ws, model, "fp")["autoencoder_floor"] if name == "floor" else _metrics(ws, model, name)
@@ -131,6 +175,8 @@ def test_report_numbers_are_the_metrics_files(compared):
             if name not in ("fp", "real", "floor"):
                 assert cells[6] == f"{(1 - m['temporal_cos_mean']) * 1e4:.1f}" and float(cells[6]) > 0
                 assert cells[7] == f"{m['quant_time_total_s']:.0f}"
+                assert cells[8] == f"{m['psnr_vs_fp']:.2f} [{m['psnr_vs_fp_ci_low']:.2f}, {m['psnr_vs_fp_ci_high']:.2f}]"
+                assert cells[9] == f"{m['fid_vs_fp']:.2f}"
     t1, t2 = table_rows(table, "## Table 1"), table_rows(table, "## Table 2a")
     tf = _metrics(ws, "fashion_ldm", "tfmq-W4A8")
     assert next(r for r in t1 if r[0] == "tfmq")[4:6] == [f"{tf['fid']:.2f} [{tf['fid_ci_low']:.1f}, {tf['fid_ci_high']:.1f}]",
@@ -175,7 +221,8 @@ def test_mlflow_run_per_setting(compared):
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["micro"], output_format="list")
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"real"} | {f"{m}/{n}" for m in MODELS for n in ("fp", "naive-W4A8", "tfmq-W4A8")}
+    assert set(by_name) == {"real", "fashion_ldm/tfmq-nofsc-W4A8"} | {f"{m}/{n}" for m in MODELS
+                                                                    for n in ("fp", "naive-W4A8", "tfmq-W4A8")}
     assert by_name["real"].data.tags["method"] == "real" and "temporal_cos_mean" not in by_name["real"].data.metrics
     r = by_name["fashion_ddpm/tfmq-W4A8"]
     assert by_name["fashion_ldm_class/tfmq-W4A8"].data.tags["family"] == "latent-class"
@@ -257,7 +304,10 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
     assert {"prepare_data", "train_fp", "train_autoencoder", "train_ldm", "calib_data@fashion_ddpm",
             "calib_data@fashion_ldm", "run@fashion_ddpm-tfmq-W4A8", "run@fashion_ldm-tfmq-W4A8",
-            "evaluate_fp@fashion_ldm", "evaluate_real", "run_exp", "report", "train_classifier"} <= set(lock)
+            "evaluate_fp@fashion_ldm", "evaluate_real", "run_exp", "report", "train_classifier",
+            "run_study@tfmq-nofsc-W4A8"} <= set(lock)
+    assert lock["run_study@tfmq-nofsc-W4A8"]["params"]["params.yaml"]["studies.settings.tfmq-nofsc-W4A8"]["quant"] == {
+        "fsc": False}
     assert "train_ldm_class" not in lock  # not in this grid, so not upstream of the report
     assert lock["run@fashion_ldm-tfmq-W4A8"]["params"]["params.yaml"]["quant.recon"]["iters"] == 2
     from diffusers import LDMPipeline
@@ -288,6 +338,8 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     runs = mlflow.search_runs(experiment_names=["micro-dvc"], output_format="list")
     names = [r.info.run_name for r in runs]
     assert sorted(names) == sorted(["real", "fashion_ddpm/fp", "fashion_ldm/fp", "fashion_ddpm/tfmq-W4A8",
-                                    "fashion_ldm/tfmq-W4A8", "fashion_ddpm/exp", "fashion_ddpm/exp"]), names
+                                    "fashion_ldm/tfmq-W4A8", "fashion_ldm/tfmq-nofsc-W4A8", "fashion_ldm/exp",
+                                    "fashion_ldm/exp"]), names
     assert all("fid" in r.data.metrics for r in runs)
-    assert {r.data.tags["dvc_stage"] for r in runs} >= {"run@fashion_ldm-tfmq-W4A8", "run_exp"}
+    assert {r.data.tags["dvc_stage"] for r in runs} >= {"run@fashion_ldm-tfmq-W4A8", "run_exp",
+                                                         "run_study@tfmq-nofsc-W4A8"}

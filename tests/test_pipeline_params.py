@@ -29,7 +29,7 @@ def _write(tmp_path: Path, d: dict) -> Path:
 
 def test_committed_params_validate():
     params = load_params(REPO / "params.yaml")
-    assert params.grid.methods == ["naive", "freeze", "ptq4dm", "qdiffusion", "tfmq"]
+    assert params.grid.methods == ["naive", "freeze", "ptq4dm", "qdiffusion", "ptqd", "tfmq"]
     assert params.grid.bits == ["W8A8", "W4A8"]
     assert params.grid.models == ["fashion_ldm", "fashion_ldm_class"]  # the paper's families; pixel: full profile
     assert params.model.fp_dir == "models/fashion_ldm" and params.sampler.guidance_scale == 3.0

@@ -18,6 +18,7 @@ BUILTIN = {
     "weight_set": ("every_k", "ptq4dm"),
     "block_recon": ("brecq", "nearest"),
     "activations": ("minmax", "ema", "learned", "fsc"),
+    "correction": ("none", "ptqd"),
 }
 
 
@@ -42,12 +43,15 @@ def _rtn_recipe(name: str, **kw) -> tfmq.Recipe:
 
 def test_builtin_handlers_and_recipes():
     assert {kind: tfmq.step_names(kind) for kind in tfmq.STEP_KINDS} == BUILTIN
-    got = {n: (r.temporal, r.weight_set, r.block_recon, r.activations) for n, r in tfmq.RECIPES.items()}
+    got = {n: (r.temporal, r.weight_set, r.block_recon, r.activations, r.correction) for n, r in tfmq.RECIPES.items()}
     assert got == {
-        "naive": ("nearest", "every_k", "nearest", "minmax"), "brecq": ("joint", "every_k", "brecq", "ema"),
-        "freeze": ("nearest", "every_k", "brecq", "ema"), "ptq4dm": ("joint", "ptq4dm", "brecq", "ema"),
-        "qdiffusion": ("joint", "every_k", "brecq", "learned"), "tfmq": ("tiar", "every_k", "brecq", "fsc"),
+        "naive": ("nearest", "every_k", "nearest", "minmax", "none"), "brecq": ("joint", "every_k", "brecq", "ema", "none"),
+        "freeze": ("nearest", "every_k", "brecq", "ema", "none"), "ptq4dm": ("joint", "ptq4dm", "brecq", "ema", "none"),
+        "qdiffusion": ("joint", "every_k", "brecq", "learned", "none"),
+        "ptqd": ("joint", "every_k", "brecq", "learned", "ptqd"), "tfmq": ("tiar", "every_k", "brecq", "fsc", "none"),
     }
+    q, p = tfmq.get_recipe("qdiffusion"), tfmq.get_recipe("ptqd")  # PTQD = Q-Diffusion + its correction
+    assert (q.policy, q.attention_matmul, q.split_shortcut) == (p.policy, p.attention_matmul, p.split_shortcut)
     assert _rtn_recipe("x", block_recon=True).block_recon == "brecq"  # the old boolean spelling
     assert _rtn_recipe("x", block_recon=False).block_recon == "nearest"
 

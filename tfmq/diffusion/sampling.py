@@ -168,6 +168,7 @@ def sample(
             raise ValueError(f"guidance_scale={guidance_scale} needs class_labels or encoder_hidden_states to guide with")
 
     dtype = next(unet.parameters()).dtype
+    absorb = _variance_absorption(unet, scheduler, eta)
     scheduler.set_timesteps(num_inference_steps, device=device)
     n_steps = len(scheduler.timesteps)
     n_batches = -(-num_samples // batch_size)
@@ -208,7 +209,14 @@ def sample(
                 if do_cfg:
                     eps_null, eps_cond = eps.chunk(2)
                     eps = eps_null + guidance_scale * (eps_cond - eps_null)
-                x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+                kw = step_kwargs
+                if absorb is not None:  # PTQD: the residual quantization noise replaces part of the step's noise
+                    from diffusers.utils.torch_utils import randn_tensor
+
+                    scale = absorb.noise_scale(scheduler, int(t), eta)
+                    noise = randn_tensor(eps.shape, generator=step_kwargs["generator"], device=eps.device, dtype=eps.dtype)
+                    kw = {**{k: v for k, v in step_kwargs.items() if k != "generator"}, "variance_noise": noise * scale}
+                x = scheduler.step(eps, t, x, **kw).prev_sample
                 bar.update(1)
             outputs.append(x.float().clamp(-1, 1).cpu())
             if return_trajectory:
@@ -218,6 +226,42 @@ def sample(
     if return_trajectory:
         return images, torch.cat(trajectory, dim=1)
     return images
+
+
+def ddim_noise_scale(scheduler, t: int, eta: float, sigma_q: float) -> float:
+    """Factor on a DDIM step's added noise that absorbs residual variance ``sigma_q^2`` (PTQD's noise fusion):
+    ``sigma_t' / sigma_t`` with ``sigma_t'^2 = sigma_t^2 - c_t^2 sigma_q^2`` (0 when negative; 1 when eta = 0)."""
+    if eta == 0.0:
+        return 1.0
+    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    prev = t - step
+    a_t = float(scheduler.alphas_cumprod[t])
+    a_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    sigma = eta * var ** 0.5
+    if sigma == 0.0:
+        return 1.0
+    c = (1 - a_prev - sigma ** 2) ** 0.5 - (a_prev * (1 - a_t) / a_t) ** 0.5
+    new_sq = sigma ** 2 - c ** 2 * sigma_q ** 2
+    return (new_sq ** 0.5) / sigma if new_sq > 0 else 0.0
+
+
+class _Absorb:
+    def __init__(self, corr):
+        self.corr = corr
+
+    def noise_scale(self, scheduler, t: int, eta: float) -> float:
+        return ddim_noise_scale(scheduler, t, eta, self.corr.sigma_q_at(t))
+
+
+def _variance_absorption(unet, scheduler, eta: float):
+    """PTQD's noise fusion when the UNet carries a fitted correction, the sampler is DDIM and eta > 0; else None."""
+    from diffusers import DDIMScheduler
+
+    corr = getattr(unet, "tfmq_noise_correction", None)
+    if corr is None or not corr.enabled or eta == 0.0 or not isinstance(scheduler, DDIMScheduler):
+        return None
+    return _Absorb(corr)
 
 
 def make_grid_uint8(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 128, scale: int = 1) -> np.ndarray:

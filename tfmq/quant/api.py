@@ -133,6 +133,10 @@ def calibrate_activations(unet: nn.Module, calib, config: QuantConfig | None = N
     if cfg.cached_temporal_features:
         t, cl = tiar_inputs(calib)
         stats["cached_temporal_features"] = install_feature_cache(unet, t, cl)
+    correction = resolve_step("correction", state.recipe, cfg)
+    if correction != "none":  # on the finished model (weights and activations quantized)
+        enable_inference(unet)
+        stats["correction"] = {"mode": correction, **get_step("correction", correction)(ctx)}
     stats["seconds"] = time.perf_counter() - t0
     if capped and cfg.act_bits is not None:
         stats["iters_capped"] = capped

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from .config import FORMAT_VERSION, ConfigError, QuantConfig
 from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json
 from .prepare import act_quantizers, enable_inference, get_state, prepare_model, quant_layers, set_quant_state
+from .ptqd import MODULE as PTQD_MODULE, NoiseCorrection, attach_noise_correction, noise_correction
 from .tib import CACHE_MODULE, TemporalFeatureCache, attach_feature_cache, feature_cache
 
 WEIGHTS_NAME = "quantized.safetensors"
@@ -89,6 +90,9 @@ def _export(unet: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], d
     if cache is not None:
         owned, cache_meta = cache.export_state()
         put(CACHE_MODULE, owned)
+    corr = noise_correction(unet)
+    if corr is not None:
+        put(PTQD_MODULE, corr.export_state()[0])  # its meta: the header's "noise_correction"
     return tensors, layers, acts, cache_meta
 
 
@@ -120,6 +124,7 @@ def save(unet: nn.Module, path: str | os.PathLike, extra_metadata: dict[str, Any
         "layers": layers,
         "act_quantizers": acts,
         "feature_cache": cache_meta,
+        "noise_correction": (noise_correction(unet).export_state()[1] if noise_correction(unet) is not None else None),
         "extra": extra_metadata or {},
     }
     with atomic_dir(path) as tmp:
@@ -262,6 +267,10 @@ def load(path: str | os.PathLike, fp_unet: nn.Module, device=None) -> nn.Module:
         dev = next(fp_unet.parameters()).device
         cache = _restore(CACHE_MODULE, wfile, TemporalFeatureCache.from_state, _owned(tensors, CACHE_MODULE), header["feature_cache"], dev)
         _restore(CACHE_MODULE, wfile, attach_feature_cache, fp_unet, cache)
+    if header.get("noise_correction"):
+        dev = next(fp_unet.parameters()).device
+        corr = _restore(PTQD_MODULE, wfile, NoiseCorrection.from_state, _owned(tensors, PTQD_MODULE), header["noise_correction"], dev)
+        _restore(PTQD_MODULE, wfile, attach_noise_correction, fp_unet, corr)
     unused = sorted(set(tensors) - set(_export(fp_unet)[0]))
     if unused:
         raise CheckpointError(f"{wfile}: {len(unused)} tensor(s) the header does not describe (e.g. {unused[:3]}); damaged or foreign")

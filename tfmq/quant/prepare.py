@@ -199,6 +199,9 @@ def set_quant_state(unet: nn.Module, weight: bool, act: bool) -> None:
         if isinstance(m, QuantAttnProcessor):
             for q in m.quantizers():
                 q.enabled = act
+    corr = getattr(unet, "tfmq_noise_correction", None)
+    if corr is not None:  # PTQD's output correction belongs to the quantized model only
+        corr.enabled = weight or act
 
 
 def enable_inference(unet: nn.Module) -> nn.Module:

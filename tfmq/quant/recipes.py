@@ -30,6 +30,8 @@ class Recipe:
             everywhere); ``True``/``False`` are accepted for these two.
         activations: ``minmax`` (one min-max range), ``ema`` (one EMA min-max range), ``fsc``
             (per-timestep EMA ranges), ``learned`` (EMA init + Q-Diffusion step-size learning).
+        correction: ``none`` or ``ptqd`` (PTQD's per-timestep correction of the noise prediction,
+            fitted after the activations on the finished model).
 
     Each step field may also name a handler added with ``tfmq.register_step(kind, name, fn)``.
     """
@@ -43,6 +45,7 @@ class Recipe:
     block_recon: str
     activations: str
     description: str = ""
+    correction: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.block_recon, bool):  # the two built-in choices, by their old boolean spelling

@@ -7,6 +7,8 @@ engine. The built-in handlers are in ``tfmq.quant.methods``.
 Step kinds and handler signatures:
     ``temporal`` (stage 1) and ``block_recon`` (stage 2): ``handler(ctx: StepContext) -> dict`` of stats.
     ``activations`` (stage 3): ``handler(ctx) -> dict``; not called for weight-only configs (``act_bits=None``).
+    ``correction`` (end of stage 3, the model complete): ``handler(ctx) -> dict``; ``none`` or ``ptqd``
+    (PTQD's correction of the noise prediction, ``tfmq.quant.ptqd``).
     ``weight_set``: ``handler(calib, config) -> dict[str, Tensor]``, the calibration rows (UNet
     forward kwargs) that weight reconstruction and other steps fit on (``ctx.weight_rows()``).
 """
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-STEP_KINDS = ("temporal", "weight_set", "block_recon", "activations")
+STEP_KINDS = ("temporal", "weight_set", "block_recon", "activations", "correction")
 _HANDLERS: dict[str, dict[str, Callable]] = {kind: {} for kind in STEP_KINDS}
 
 # config switch -> (step kind, the step it turns off, the step that replaces it): the paper's ablations
