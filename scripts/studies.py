@@ -1,0 +1,141 @@
+"""Studies beyond the default grid, run as `dvc exp run` of the `run_exp` stage (outside the main job).
+
+    python scripts/studies.py iterations   # W4A8 freeze / qdiffusion / tfmq at recon.iters 300 and 1000 (100 = the grid)
+    python scripts/studies.py seeds        # W4A8 freeze / qdiffusion / tfmq at quant.seed 1 and 2 (0 = the grid)
+    python scripts/studies.py plot         # results/studies/iterations.png from the collected rows
+
+Each point is one `dvc exp run -S ... run_exp` on `model.name` (its command is stored with the row);
+after it, the row gets the metrics of `results/metrics/<model>/exp.json` and the fraction of weights
+whose AdaRound grid differs from round-to-nearest, read from the checkpoint. The grid's own rows
+(`results/metrics/<model>/<method>-W4A8.json`, iteration 100, seed 0) are read from the default run.
+Rows go to `results/studies/<study>.json` (written after every point, so a killed study keeps what
+it finished). TIAR's iterations follow BRECQ's at the default ratio (tiar_recon.iters = 2 x recon.iters).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+METHODS = ("freeze", "qdiffusion", "tfmq")
+ITERS = (300, 1000)
+SEEDS = (1, 2)
+KEYS = ("fid", "fid_ci_low", "fid_ci_high", "kid_mean", "psnr_vs_fp", "psnr_vs_fp_ci_low", "psnr_vs_fp_ci_high",
+        "ssim_vs_fp", "fid_vs_fp", "temporal_cos_mean", "quant_time_total_s", "quant_time_recon_blocks_s")
+
+
+def off_nearest_fraction(unet) -> dict:
+    """Fraction of quantized weights whose integer grid differs from round-to-nearest on the same scale and zero
+    point (what AdaRound changed), over every quantized layer; per layer in ``layers``."""
+    import torch
+
+    from tfmq.quant.prepare import quant_layers
+
+    moved = total = 0
+    layers = {}
+    with torch.no_grad():
+        for name, layer in quant_layers(unet):
+            m = n = 0
+            for q, w in zip(layer.wq, layer.weight_parts()):
+                grid = q.integer_weight(w)
+                nearest = torch.clamp(torch.round(w / q.scale) + q.zero_point, 0, 2 ** q.n_bits - 1)
+                m += int((grid != nearest).sum())
+                n += grid.numel()
+            layers[name] = m / n
+            moved, total = moved + m, total + n
+    return {"fraction": moved / total, "moved": moved, "weights": total, "layers": layers}
+
+
+def _checkpoint_fraction(model_dir: str, checkpoint: str) -> float:
+    import tfmq
+    from tfmq.diffusion.pipelines import load_diffusion_model
+
+    unet = tfmq.load(checkpoint, load_diffusion_model(model_dir, "cpu").unet)
+    return off_nearest_fraction(unet)["fraction"]
+
+
+def _params() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _row(metrics_path: Path, checkpoint: Path, model_dir: str, **extra) -> dict:
+    m = json.loads(metrics_path.read_text())
+    row = {**extra, **{k: m.get(k) for k in KEYS}}
+    row["off_nearest_fraction"] = _checkpoint_fraction(model_dir, str(checkpoint)) if checkpoint.is_dir() else None
+    return row
+
+
+def _save(study: str, rows: list[dict]) -> Path:
+    from tfmq.io import atomic_write_json
+
+    out = ROOT / "results" / "studies" / f"{study}.json"
+    atomic_write_json({"study": study, "rows": rows}, out)
+    return out
+
+
+def run(study: str) -> Path:
+    p = _params()
+    model, out_dir, qdir = p["model"]["name"], p["eval"]["out_dir"], p["quant_out"]["dir"]
+    model_dir = str(Path(p["model"]["root"]) / model)
+    base_iters, base_seed = p["quant"]["recon"]["iters"], p["quant"]["seed"]
+    rows = []
+    for method in METHODS:  # the grid's own point
+        rows.append(_row(ROOT / out_dir / "metrics" / model / f"{method}-W4A8.json",
+                         ROOT / qdir / model / f"{method}-W4A8" / "model", model_dir, method=method,
+                         iters=base_iters, seed=base_seed, command="dvc repro (the default grid)"))
+    _save(study, rows)
+    points = [(m, i, base_seed) for m in METHODS for i in ITERS] if study == "iterations" else \
+        [(m, base_iters, s) for m in METHODS for s in SEEDS]
+    for method, iters, seed in points:
+        sets = [f"quant.method={method}", "quant.weight_bits=4", "quant.act_bits=8", f"quant.recon.iters={iters}",
+                f"quant.tiar_recon.iters={2 * iters}", f"quant.seed={seed}"]
+        cmd = [sys.executable, "-m", "dvc", "exp", "run", *[a for s in sets for a in ("-S", s)], "run_exp"]
+        t0 = time.perf_counter()
+        print(" ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        rows.append(_row(ROOT / out_dir / "metrics" / model / "exp.json", ROOT / qdir / model / "exp" / "model",
+                         model_dir, method=method, iters=iters, seed=seed, command="dvc " + " ".join(cmd[3:]),
+                         wall_s=round(time.perf_counter() - t0, 1)))
+        _save(study, rows)
+    return _save(study, rows)
+
+
+def plot() -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads((ROOT / "results" / "studies" / "iterations.json").read_text())["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for method in METHODS:
+        r = sorted((x for x in rows if x["method"] == method), key=lambda x: x["iters"])
+        it = [x["iters"] for x in r]
+        axes[0].errorbar(it, [x["fid"] for x in r], yerr=[[x["fid"] - x["fid_ci_low"] for x in r],
+                                                          [x["fid_ci_high"] - x["fid"] for x in r]],
+                         marker="o", capsize=3, label=method)
+        axes[1].plot(it, [x["psnr_vs_fp"] for x in r], marker="o", label=method)
+        axes[2].plot(it, [100 * (x["off_nearest_fraction"] or 0) for x in r], marker="o", label=method)
+    for ax, title in zip(axes, ("FID (95 % CI), W4A8", "PSNR vs FP samples (dB)", "% weights AdaRound moved off nearest")):
+        ax.set_xscale("log")
+        ax.set_xlabel("reconstruction iterations (BRECQ; TIAR 2x)")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    out = ROOT / "results" / "studies" / "iterations.png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    if what not in ("iterations", "seeds", "plot"):
+        print("usage: python scripts/studies.py iterations|seeds|plot", file=sys.stderr)
+        sys.exit(2)
+    print(plot() if what == "plot" else run(what))
