@@ -101,7 +101,7 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
     if len(extractors) > 1:
         raise ValueError(f"metrics from different extractors {extractors} cannot share a table; re-run the "
                          "evaluate stages with one eval.extractor")
-    ref = present[0] if present else {}
+    ref = next((m for m in present if m.get("sampler")), present[0] if present else {})  # a sampled row: it names the sampler
     fid_label = ref.get("extractor_label", ref.get("extractor", "?"))
     fams = {model: _family(rows) for model, rows in per_model.items()}
     uncond = [m for m in grid.models if fams[m].get("conditioning", "none") == "none"]

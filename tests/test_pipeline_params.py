@@ -286,3 +286,24 @@ def test_setting_carries_the_config_the_stages_used_to_build():
         s.name = "other"  # type: ignore[misc]
     with pytest.raises(ValueError, match="--name='../x'"):
         quantized_setting(params, name="../x")
+
+
+def test_claim_status_from_paired_verdicts():
+    """A claim's status: every paired comparison must exclude 0 in its favour to be 'reproduced'."""
+    from tasks.claims import _status, _winner
+
+    def comp(a, b, lo, hi):
+        from tfmq.evaluation.paired import verdict
+
+        return {"a": a, "b": b, "fid": {"ci": [lo, hi], "verdict": verdict([lo, hi], "fid", a, b)}}
+
+    tf_wins = comp("qdiffusion-W4A8", "tfmq-W4A8", 5.0, 9.0)  # ΔFID = a - b > 0: TFMQ (b) lower
+    other_wins = comp("ptqd-eq-W4A8", "tfmq-W4A8", -7.7, -0.2)
+    none = comp("ptq4dm-W8A8", "tfmq-W8A8", -1.0, 2.0)
+    assert [_winner(c) for c in (tf_wins, other_wins, none)] == ["tfmq", "other", "inconclusive"]
+    assert _winner(comp("tfmq-nofsc-W4A8", "tfmq-W4A8", -3.0, -1.0)) == "ablated"
+    assert _winner(comp("brecq-W4A8", "freeze-W4A8", 1.0, 2.0)) == "freeze"
+    w = lambda *cs: _status([_winner(c) for c in cs], "tfmq", "other")  # noqa: E731
+    assert w(tf_wins, tf_wins) == "reproduced" and w(other_wins) == "refuted" and w(tf_wins, other_wins) == "mixed"
+    assert w(tf_wins, none) == "partly reproduced" and w(other_wins, none) == "partly refuted"
+    assert w(none) == "inconclusive" and _status([], "tfmq", "other") == "not run"
