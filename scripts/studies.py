@@ -1,15 +1,16 @@
 """Studies beyond the default grid, run as `dvc exp run` of the `run_exp` stage (outside the main job).
 
-    python scripts/studies.py iterations   # W4A8 freeze / qdiffusion / tfmq at recon.iters 300 and 1000 (100 = the grid)
-    python scripts/studies.py seeds        # W4A8 freeze / qdiffusion / tfmq at quant.seed 1 and 2 (0 = the grid)
+    python scripts/studies.py iterations [300 1000]   # W4A8 freeze / qdiffusion / tfmq at these recon.iters (100 = the grid)
+    python scripts/studies.py seeds [1 2]             # W4A8 freeze / qdiffusion / tfmq at these quant.seed (0 = the grid)
     python scripts/studies.py plot         # results/studies/iterations.png from the collected rows
+    python scripts/studies.py table seeds  # the rows as a Markdown table (mean and spread per method for seeds)
 
 Each point is one `dvc exp run -S ... run_exp` on `model.name` (its command is stored with the row);
 after it, the row gets the metrics of `results/metrics/<model>/exp.json` and the fraction of weights
 whose AdaRound grid differs from round-to-nearest, read from the checkpoint. The grid's own rows
 (`results/metrics/<model>/<method>-W4A8.json`, iteration 100, seed 0) are read from the default run.
 Rows go to `results/studies/<study>.json` (written after every point, so a killed study keeps what
-it finished). TIAR's iterations follow BRECQ's at the default ratio (tiar_recon.iters = 2 x recon.iters).
+it finished; a second call adds only the points the file does not have yet). TIAR's iterations follow BRECQ's at the default ratio (tiar_recon.iters = 2 x recon.iters).
 """
 from __future__ import annotations
 
@@ -71,28 +72,40 @@ def _row(metrics_path: Path, checkpoint: Path, model_dir: str, **extra) -> dict:
     return row
 
 
+def _unique(rows: list[dict]) -> list[dict]:
+    """One row per (method, iters, seed): the last one written."""
+    return list({(r["method"], r["iters"], r["seed"]): r for r in rows}.values())
+
+
 def _save(study: str, rows: list[dict]) -> Path:
     from tfmq.io import atomic_write_json
 
     out = ROOT / "results" / "studies" / f"{study}.json"
-    atomic_write_json({"study": study, "rows": rows}, out)
+    atomic_write_json({"study": study, "rows": _unique(rows)}, out)
     return out
 
 
-def run(study: str) -> Path:
+def run(study: str, values: tuple[int, ...] | None = None) -> Path:
     p = _params()
     model, out_dir, qdir = p["model"]["name"], p["eval"]["out_dir"], p["quant_out"]["dir"]
     model_dir = str(Path(p["model"]["root"]) / model)
     base_iters, base_seed = p["quant"]["recon"]["iters"], p["quant"]["seed"]
-    rows = []
+    out = ROOT / "results" / "studies" / f"{study}.json"
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else []
+    done = {(r["method"], r["iters"], r["seed"]) for r in rows}
     for method in METHODS:  # the grid's own point
+        if (method, base_iters, base_seed) in done:
+            continue
         rows.append(_row(ROOT / out_dir / "metrics" / model / f"{method}-W4A8.json",
                          ROOT / qdir / model / f"{method}-W4A8" / "model", model_dir, method=method,
                          iters=base_iters, seed=base_seed, command="dvc repro (the default grid)"))
     _save(study, rows)
-    points = [(m, i, base_seed) for m in METHODS for i in ITERS] if study == "iterations" else \
-        [(m, base_iters, s) for m in METHODS for s in SEEDS]
+    values = values or (ITERS if study == "iterations" else SEEDS)
+    points = [(m, i, base_seed) for i in values for m in METHODS] if study == "iterations" else \
+        [(m, base_iters, s) for s in values for m in METHODS]
     for method, iters, seed in points:
+        if (method, iters, seed) in done:
+            continue
         sets = [f"quant.method={method}", "quant.weight_bits=4", "quant.act_bits=8", f"quant.recon.iters={iters}",
                 f"quant.tiar_recon.iters={2 * iters}", f"quant.seed={seed}"]
         cmd = [sys.executable, "-m", "dvc", "exp", "run", *[a for s in sets for a in ("-S", s)], "run_exp"]
@@ -112,7 +125,7 @@ def plot() -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = json.loads((ROOT / "results" / "studies" / "iterations.json").read_text())["rows"]
+    rows = _unique(json.loads((ROOT / "results" / "studies" / "iterations.json").read_text())["rows"])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for method in METHODS:
         r = sorted((x for x in rows if x["method"] == method), key=lambda x: x["iters"])
@@ -133,9 +146,37 @@ def plot() -> Path:
     return out
 
 
+def table(study: str) -> str:
+    """Markdown of ``results/studies/<study>.json``: one row per point; for seeds also mean +- std per method."""
+    import statistics
+
+    rows = _unique(json.loads((ROOT / "results" / "studies" / f"{study}.json").read_text())["rows"])
+    rows = sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["iters"], r["seed"]))
+    out = ["| method | iters | seed | FID [95 % CI] | PSNR vs FP (dB) | SSIM vs FP | % weights off nearest | quant s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        off = "n/a" if r["off_nearest_fraction"] is None else f"{100 * r['off_nearest_fraction']:.2f}"
+        out.append(f"| {r['method']} | {r['iters']} | {r['seed']} | {r['fid']:.2f} [{r['fid_ci_low']:.1f}, "
+                   f"{r['fid_ci_high']:.1f}] | {r['psnr_vs_fp']:.2f} | {r['ssim_vs_fp']:.3f} | {off} | "
+                   f"{r['quant_time_total_s']:.0f} |")
+    if study == "seeds":
+        out += ["", "| method | seeds | FID mean ± std | PSNR vs FP mean ± std |", "|---|---|---|---|"]
+        for m in METHODS:
+            f = [r["fid"] for r in rows if r["method"] == m]
+            q = [r["psnr_vs_fp"] for r in rows if r["method"] == m]
+            if len(f) > 1:
+                out.append(f"| {m} | {len(f)} | {statistics.mean(f):.2f} ± {statistics.stdev(f):.2f} | "
+                           f"{statistics.mean(q):.2f} ± {statistics.stdev(q):.2f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what not in ("iterations", "seeds", "plot"):
-        print("usage: python scripts/studies.py iterations|seeds|plot", file=sys.stderr)
+    if what not in ("iterations", "seeds", "plot", "table"):
+        print("usage: python scripts/studies.py iterations|seeds [values...] | plot | table iterations|seeds",
+              file=sys.stderr)
         sys.exit(2)
-    print(plot() if what == "plot" else run(what))
+    if what == "table":
+        print(table(sys.argv[2] if len(sys.argv) > 2 else "seeds"))
+    else:
+        print(plot() if what == "plot" else run(what, tuple(int(v) for v in sys.argv[2:]) or None))
