@@ -99,6 +99,7 @@ class CalibData(Section):
 
 class QuantOut(Section):
     dir: str
+    shared_weights: str | None = None  # weight-stage store (relative: under the repo root); null: every setting computes its own
 
 
 class Reference(Section):

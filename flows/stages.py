@@ -100,10 +100,23 @@ def _run_name(kind: str) -> Callable[[], str]:
 
 @flow(name="quantize", flow_run_name=_run_name("quantize"), **_OBJECTS)
 def quantize_flow(setting: Setting, params: Params) -> str:
-    """TIAR -> block reconstruction -> activation calibration; returns the final checkpoint path."""
+    """TIAR -> block reconstruction -> activation calibration; returns the final checkpoint path.
+
+    With ``quant_out.shared_weights`` set, stages 1-2 are adopted from the weight store when another
+    setting of the same weight key computed them, else computed here and filed there.
+    """
     calib = setting.calib_dir
-    tib = call(quant_tasks.recon_tib, setting, calib)
-    blocks = call(quant_tasks.recon_blocks, setting, calib, tib)
+    if not params.quant_out.shared_weights:
+        tib = call(quant_tasks.recon_tib, setting, calib)
+        blocks = call(quant_tasks.recon_blocks, setting, calib, tib)
+        return call(quant_tasks.calibrate_activations, setting, calib, blocks)
+    with quant_tasks.shared_weight_slot(setting, calib, params.quant_out.shared_weights) as slot:
+        if slot["entry"] is not None:
+            blocks = call(quant_tasks.adopt_weights, setting, slot["entry"], slot["key"])
+        else:
+            tib = call(quant_tasks.recon_tib, setting, calib)
+            blocks = call(quant_tasks.recon_blocks, setting, calib, tib)
+            call(quant_tasks.publish_weights, setting, slot["key"], slot["store"], slot["desc"])
     return call(quant_tasks.calibrate_activations, setting, calib, blocks)
 
 

@@ -68,6 +68,8 @@ def _params() -> dict:
 def _row(metrics_path: Path, checkpoint: Path, model_dir: str, **extra) -> dict:
     m = json.loads(metrics_path.read_text())
     row = {**extra, **{k: m.get(k) for k in KEYS}}
+    # weight stages adopted from the shared store count with what computing them took (quant_out.shared_weights)
+    row["quant_time_total_s"] = m.get("quant_time_unshared_s", m.get("quant_time_total_s"))
     row["off_nearest_fraction"] = _checkpoint_fraction(model_dir, str(checkpoint)) if checkpoint.is_dir() else None
     return row
 

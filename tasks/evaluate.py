@@ -251,6 +251,12 @@ def write_metrics(setting: Setting, e, sampler, scored: dict[str, Any], temporal
         for stage, rec in stages.items():
             m[f"quant_time_{stage}_s"] = rec["wall_s"]
         m["quant_time_total_s"] = round(sum(rec["wall_s"] for rec in stages.values()), 3)
+        shared = [rec["shared"] for rec in stages.values() if rec.get("shared")]
+        m["weights_shared_from"] = shared[0]["from"] if shared else None  # stages 1-2 adopted from that setting
+        m["quant_time_saved_s"] = round(sum(s["computed_wall_s"] for s in shared)
+                                        - sum(rec["wall_s"] for rec in stages.values() if rec.get("shared")), 3)
+        # what quantizing this setting costs with its weight stages counted where they ran (method comparisons)
+        m["quant_time_unshared_s"] = round(m["quant_time_total_s"] + m["quant_time_saved_s"], 3)
     out = Path(setting.metrics_path)
     atomic_write_json(m, out)
     logger().info("%s: FID %.2f sFID %.2f KID %.4f IS %.2f -> %s", setting.name, m["fid"] or float("nan"),

@@ -8,12 +8,19 @@ checkpoint, calls ONE ``tfmq`` stage function and saves a checkpoint, so any sta
 alone and an interrupted stage never leaves a half-written checkpoint (``tfmq.save`` is atomic). BRECQ
 files each finished unit under ``quant/<name>/blocks.partial/``; a re-run after a crash continues from there.
 The tasks take the run's ``tasks.setting.Setting`` (its ``QuantConfig``, built once, and its paths).
+
+Shared weight stages (``quant_out.shared_weights``, docs/method.md section 12): stages 1 and 2 are
+weight-only, so a setting whose weight identity, FP model, calibration set and code match an earlier
+one's (``tfmq.quant.share.weight_key``) adopts that setting's two checkpoints (``adopt_weights``)
+instead of recomputing them; the first one computes them and files them (``publish_weights``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
 from tasks.setting import STAGE_FILES, Setting
@@ -31,13 +38,16 @@ def _load_stage_input(setting: Setting, previous: str | None):
     return tfmq.load(previous, unet, device=dev)
 
 
-def _record(quant_dir: Path, stage: str, seconds: float, stats: dict[str, Any]) -> None:
-    """Merge this stage's wall time and stats into ``stage_times.json`` (atomic rewrite)."""
+def _record(quant_dir: Path, stage: str, seconds: float, stats: dict[str, Any], shared: dict | None = None) -> None:
+    """Merge this stage's wall time and stats into ``stage_times.json`` (atomic rewrite); ``shared``: where
+    adopted weights came from and what computing them took there."""
     from tfmq.io import atomic_write_json
 
     path = quant_dir / "stage_times.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
     doc[stage] = {"wall_s": round(seconds, 3), "stats": json.loads(json.dumps(stats, default=str))}
+    if shared is not None:
+        doc[stage]["shared"] = shared
     atomic_write_json(doc, path)
 
 
@@ -71,14 +81,83 @@ def _run_stage(stage: str, fn_name: str, setting: Setting, calib_dir: str, previ
     return str(out)
 
 
-@pipeline_task
-def recon_tib(setting: Setting, calib_dir: str) -> str:
-    """Stage 1: TIAR on the Temporal Information Block (or the method's treatment of the temporal layers)."""
+def _fresh_record(setting: Setting) -> None:
     Path(setting.quant_dir).mkdir(parents=True, exist_ok=True)
     stale = Path(setting.quant_dir) / "stage_times.json"
     if stale.exists():
         stale.unlink()  # a fresh run of stage 1 starts a fresh record
+
+
+@pipeline_task
+def recon_tib(setting: Setting, calib_dir: str) -> str:
+    """Stage 1: TIAR on the Temporal Information Block (or the method's treatment of the temporal layers)."""
+    _fresh_record(setting)
     return _run_stage("recon_tib", "reconstruct_temporal", setting, calib_dir, None)
+
+
+WEIGHT_STAGE_TASKS = ("recon_tib", "recon_blocks")
+
+
+def store_root(shared_weights: str) -> Path:
+    """``quant_out.shared_weights`` as a path; a relative one is under the main repo root (also from a
+    ``dvc exp`` temp copy, so experiments share the main workspace's entries)."""
+    from tasks.tracking import main_repo_root
+
+    p = Path(shared_weights)
+    return p if p.is_absolute() else main_repo_root() / p
+
+
+@contextlib.contextmanager
+def shared_weight_slot(setting: Setting, calib_dir: str, shared_weights: str) -> Iterator[dict[str, Any]]:
+    """Hold the store lock of this setting's weight key; yields ``{"key", "store", "entry"}`` (``entry``:
+    the stored record, or ``None`` when this setting must compute and publish them)."""
+    from tfmq.quant.share import WeightStore, weight_key
+
+    t0 = time.perf_counter()
+    key, desc = weight_key(setting.config, setting.fp_dir, calib_dir, device())
+    store = WeightStore(store_root(shared_weights))
+    with store.lock(key):
+        entry = store.get(key)
+        logger().info("weight stages of %s: key %s, %s (%.2f s to hash the inputs)", setting.name, key,
+                      f"shared from {entry['computed_by']}" if entry else "computed here", time.perf_counter() - t0)
+        yield {"key": key, "store": str(store.root), "entry": entry, "desc": desc}
+
+
+@pipeline_task
+def adopt_weights(setting: Setting, entry: dict[str, Any], key: str) -> str:
+    """Stages 1-2 from the store: each checkpoint loaded with this setting's config and saved as its own."""
+    import tfmq
+    from tfmq.diffusion.models import load_fp_model
+
+    _fresh_record(setting)
+    qdir = Path(setting.quant_dir)
+    out = ""
+    for stage in WEIGHT_STAGE_TASKS:
+        t0 = time.perf_counter()
+        unet, _ = load_fp_model(setting.fp_dir, device())
+        unet = tfmq.load(Path(entry["path"]) / STAGE_FILES[stage], unet, device=device(), config=setting.config)
+        out = str(qdir / STAGE_FILES[stage])
+        tfmq.save(unet, out, extra_metadata={"pipeline_stage": stage, "weights_shared_from": entry["computed_by"],
+                                             "weights_key": key})
+        seconds = time.perf_counter() - t0
+        stats = dict(tfmq.read_header(out)["stats"].get({"recon_tib": "temporal", "recon_blocks": "blocks"}[stage], {}))
+        _record(qdir, stage, seconds, stats, shared={"from": entry["computed_by"], "key": key,
+                                                     "computed_wall_s": entry["wall_s"][stage]})
+    logger().info("weight stages of %s adopted from %s (key %s)", setting.name, entry["computed_by"], key)
+    return out
+
+
+@pipeline_task
+def publish_weights(setting: Setting, key: str, store: str, desc: dict[str, Any]) -> str:
+    """File this setting's freshly computed stage 1-2 checkpoints under ``key`` (one rename)."""
+    from tfmq.quant.share import WeightStore
+
+    qdir = Path(setting.quant_dir)
+    times = json.loads((qdir / "stage_times.json").read_text())
+    record = {"computed_by": f"{setting.model}/{setting.name}", "key": key, "inputs": desc,
+              "wall_s": {s: times[s]["wall_s"] for s in WEIGHT_STAGE_TASKS}}
+    path = WeightStore(store).put(key, {STAGE_FILES[s]: qdir / STAGE_FILES[s] for s in WEIGHT_STAGE_TASKS}, record)
+    return str(path)
 
 
 @pipeline_task

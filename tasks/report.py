@@ -12,6 +12,14 @@ from typing import Any
 from tasks.common import logger, pipeline_task
 
 
+def _quant_cell(m: dict) -> str:
+    """Quantization seconds as if computed here; ``(shared)`` when stages 1-2 were adopted from another setting."""
+    from tasks.claims import quant_seconds
+
+    cell = _fmt(quant_seconds(m), 0)
+    return f"{cell} (shared)" if m.get("weights_shared_from") else cell
+
+
 def _fmt(v: Any, digits: int = 2, scale: float = 1.0) -> str:
     if v is None or isinstance(v, str):
         return "n/a" if v is None else v
@@ -127,7 +135,8 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
             "does not use, scored like samples: the floor of each metric at this N (FID is biased upwards "
             "at small N, so read every FID as a distance above this row)"] if real else []),
         "- quantization is simulated (fake-quant), so no speed or memory claims; quant time = wall seconds on "
-        f"{ref.get('device', '?')}",
+        f"{ref.get('device', '?')}, with the weight stages (TIAR, BRECQ) counted where they ran: '(shared)' marks a "
+        "setting that adopted them from another setting of the same weights (quant_out.shared_weights)",
         "",
     ]
     if uncond:
@@ -156,7 +165,7 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
             lines.append(
                 f"| {method}{extra} | {bits} | {_fid_cell(m)} | {_fmt(m.get('sfid'))} | {_kid_cell(m)} | {_is_cell(m)} | "
                 f"{'0' if method == 'FP' else '-' if unq else _temporal_cell(m)} | "
-                f"{'-' if unq else _fmt(m.get('quant_time_total_s'), 0)} |{paired} | "
+                f"{'-' if unq else _quant_cell(m)} |{paired} | "
                 f"{_fmt(m.get('fid_vs_fp')) if m.get('fid_vs_fp') is not None else '-'} |"
             )
             table.append({"model": model, "method": method, "bits": bits,

@@ -140,6 +140,15 @@ def test_paired_metrics_studies_and_claims(compared):
     study = _metrics(ws, "fashion_ldm", "tfmq-nofsc-W4A8")
     header = json.loads((ws / "quant" / "fashion_ldm" / "tfmq-nofsc-W4A8" / "model" / "quant_config.json").read_text())
     assert (study["method"], study["bits"], header["config"]["fsc"], header["fsc_scope"]) == ("tfmq", "W4A8", False, None)
+    # the study's weight stages are the grid's tfmq-W4A8 ones (FSC only acts on activations): adopted, not recomputed
+    assert study["weights_shared_from"] == "fashion_ldm/tfmq-W4A8" and study["quant_time_saved_s"] > 0
+    assert study["quant_time_unshared_s"] == pytest.approx(study["quant_time_total_s"] + study["quant_time_saved_s"])
+    times = json.loads((ws / "quant" / "fashion_ldm" / "tfmq-nofsc-W4A8" / "stage_times.json").read_text())
+    assert times["recon_blocks"]["shared"]["from"] == "fashion_ldm/tfmq-W4A8"
+    assert _metrics(ws, "fashion_ldm", "tfmq-W4A8")["weights_shared_from"] is None
+    own, borrowed = (load_file(str(ws / "quant" / "fashion_ldm" / n / "blocks" / "quantized.safetensors"))
+                     for n in ("tfmq-W4A8", "tfmq-nofsc-W4A8"))
+    assert set(own) == set(borrowed) and all(torch.equal(own[k], borrowed[k]) for k in own)
     table = (ws / table_path).read_text()
     assert "## Claims of the poster" in table and "## Poster table: ablation, W4A8 (fashion_ldm)" in table
     abl = {r[0]: r for r in table_rows(table, "## Poster table: ablation")}
@@ -267,6 +276,31 @@ def test_cli_run_one_setting(compared):
     header = json.loads((ws / "quant" / "fashion_ldm_class" / "naive-W8A8" / "model" / "quant_config.json").read_text())
     assert (header["method"], header["weight_bits"], header["act_bits"]) == ("naive", 8, 8)
     assert header["config"]["recon"]["iters"] == 2  # the micro params' value reached the library
+
+
+def test_shared_weights_leave_the_metrics_unchanged(compared):
+    """The study that adopted tfmq-W4A8's weight stages, run again computing its own (shared_weights: null, other
+    output dirs): the same metrics to the last digit, only the timings differ."""
+    import shutil
+
+    ws, _ = compared
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["quant_out"].update(dir="quant-unshared", shared_weights=None)
+    params["eval"]["out_dir"] = "results-unshared"
+    (ws / "params-unshared.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fp_paired = ws / "results-unshared" / "paired" / "fashion_ldm" / "fp.safetensors"
+    fp_paired.parent.mkdir(parents=True)
+    shutil.copy(ws / "results" / "paired" / "fashion_ldm" / "fp.safetensors", fp_paired)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-prefect", "--config", "params-unshared.yaml",
+                        "--study", "tfmq-nofsc-W4A8"], cwd=ws, env=subprocess_env(TFMQ_TORCH_THREADS="1"),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shared = _metrics(ws, "fashion_ldm", "tfmq-nofsc-W4A8")
+    own = json.loads((ws / "results-unshared" / "metrics" / "fashion_ldm" / "tfmq-nofsc-W4A8.json").read_text())
+    assert own["weights_shared_from"] is None and own["quant_time_saved_s"] == 0
+    timing = {k for k in own if "time" in k} | {"weights_shared_from"}
+    assert len(own) > 40 and {k: v for k, v in own.items() if k not in timing} == {
+        k: v for k, v in shared.items() if k not in timing}
 
 
 def _dvc(ws: Path, env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

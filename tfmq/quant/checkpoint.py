@@ -233,8 +233,46 @@ def _owned(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load(path: str | os.PathLike, fp_unet: nn.Module, device=None) -> nn.Module:
+def _flat_config(config: QuantConfig) -> dict[str, Any]:
+    from .api import _flat
+    from .prepare import resolve_config
+
+    return _flat(resolve_config(config).to_dict())
+
+
+def _is_act_tensor(key: str, header: dict[str, Any]) -> bool:
+    """``key`` belongs to one of the checkpoint's activation quantizers."""
+    return any(key.startswith(name + ".") for name in header["act_quantizers"])
+
+
+def _check_weight_transfer(path, header: dict[str, Any], saved: QuantConfig, wanted: QuantConfig) -> None:
+    """A checkpoint loaded with another config: only weight stages, and only when ``wanted`` shares them."""
+    from .share import weight_identity_differences
+
+    if "activations" in header["stages_done"]:
+        raise CheckpointMismatchError(
+            f"{path}: config differs from the checkpoint's ({saved.method} {saved.bits_name}) and the checkpoint has "
+            f"calibrated activations; only a weight-stage checkpoint (stages temporal, blocks) can be loaded with "
+            f"another activation setting. Pass config=None to load it as saved"
+        )
+    diffs = weight_identity_differences(saved, wanted)
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{path}: the weight stages of this checkpoint ({saved.method} {saved.bits_name}) are not those of the "
+            f"config passed ({wanted.method} {wanted.bits_name}): {'; '.join(diffs[:4])}; quantize that config's own weights"
+        )
+
+
+def load(path: str | os.PathLike, fp_unet: nn.Module, device=None, config: QuantConfig | None = None) -> nn.Module:
     """Rebuild the quantized model saved at ``path`` on ``fp_unet`` (modified in place).
+
+    Args:
+        config: ``None`` (the checkpoint's own config). Another config is accepted for a checkpoint
+            saved after the weight stages only (activations not calibrated yet) whose weight stages
+            that config shares (``tfmq.quant.share.same_weights``: e.g. the W4A8 weights for a W4A6
+            or W4A32 run of the same method): the model is prepared with ``config`` and gets the saved
+            weights; its activation quantizers are fresh. Anything else is a ``CheckpointMismatchError``
+            naming the fields that differ.
 
     Raises:
         CheckpointError: a file is missing (``CheckpointNotFoundError``), truncated, foreign or
@@ -247,22 +285,35 @@ def load(path: str | os.PathLike, fp_unet: nn.Module, device=None) -> nn.Module:
     _check_model(header, fp_unet, path)
     tensors = _read_tensors(path)
     try:
-        config = QuantConfig.from_dict(header["config"])
+        saved_config = QuantConfig.from_dict(header["config"])
     except ConfigError as e:
         raise CheckpointError(f"{hfile}: config: {e}") from None
+    weights_only = config is not None and _flat_config(config) != _flat_config(saved_config)
+    if weights_only:
+        _check_weight_transfer(path, header, saved_config, config)
+    else:
+        config = saved_config
     if device is not None:
         fp_unet.to(device)
     prepare_model(fp_unet, config, init=False)
     state = get_state(fp_unet)
     layers, acts = dict(quant_layers(fp_unet)), dict(act_quantizers(fp_unet))
-    for kind, mine, saved in (("quantized layer", layers, header["layers"]), ("activation quantizer", acts, header["act_quantizers"])):
+    checked = (("quantized layer", layers, header["layers"]),) if weights_only else (
+        ("quantized layer", layers, header["layers"]), ("activation quantizer", acts, header["act_quantizers"]))
+    for kind, mine, saved in checked:
         if set(mine) != set(saved):
             diff = sorted(set(mine) ^ set(saved))
             raise CheckpointMismatchError(f"{path}: {kind} set differs from the model's (e.g. {diff[:3]})")
     for name, layer in layers.items():
-        _restore(name, wfile, layer.restore_state, _owned(tensors, name), header["layers"][name])
-    for name, q in acts.items():
-        _restore(name, wfile, q.restore_state, _owned(tensors, name), header["act_quantizers"][name])
+        meta = header["layers"][name]
+        if weights_only and isinstance(meta, dict):  # the weight quantizers only; this config's activation quantizers stay fresh
+            meta = {**meta, "act": layer.aq is not None}
+        _restore(name, wfile, layer.restore_state, _owned(tensors, name), meta)
+    if weights_only:
+        tensors = {k: v for k, v in tensors.items() if not _is_act_tensor(k, header)}
+    else:
+        for name, q in acts.items():
+            _restore(name, wfile, q.restore_state, _owned(tensors, name), header["act_quantizers"][name])
     if header.get("feature_cache"):
         dev = next(fp_unet.parameters()).device
         cache = _restore(CACHE_MODULE, wfile, TemporalFeatureCache.from_state, _owned(tensors, CACHE_MODULE), header["feature_cache"], dev)
@@ -276,6 +327,8 @@ def load(path: str | os.PathLike, fp_unet: nn.Module, device=None) -> nn.Module:
         raise CheckpointError(f"{wfile}: {len(unused)} tensor(s) the header does not describe (e.g. {unused[:3]}); damaged or foreign")
     state.stages_done = list(header["stages_done"])
     state.stats = header.get("stats", {})
+    if weights_only:
+        state.stats = {**state.stats, "weights_from": {"path": str(path), "config": saved_config.to_dict()}}
     if "activations" in state.stages_done:
         enable_inference(fp_unet)
     else:
