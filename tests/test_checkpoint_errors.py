@@ -90,7 +90,7 @@ def test_safetensors_that_is_not_a_tfmq_checkpoint(ckpt):
 def test_safetensors_of_another_format_version(ckpt):
     tensors, meta = _tensors(ckpt)
     save_file(tensors, str(ckpt / WEIGHTS), metadata={**meta, "format_version": "7"})
-    _refused(ckpt, CheckpointMismatchError, match=r"quantized\.safetensors: format_version='7', this tfmq reads version 1")
+    _refused(ckpt, CheckpointMismatchError, match=r"quantized\.safetensors: format_version='7', this tfmq reads versions 1 and 2")
 
 
 @pytest.mark.parametrize("text", ["{\"format\": \"tfmq-quantized-unet\", ", "", "\xff\xfe\x00garbage"])
@@ -113,8 +113,8 @@ def test_header_of_something_else(ckpt, header, match):
 
 def test_header_of_another_format_version(ckpt):
     header = json.loads((ckpt / HEADER).read_text())
-    (ckpt / HEADER).write_text(json.dumps({**header, "format_version": 2}))
-    e, fp = _refused(ckpt, CheckpointMismatchError, match=r"quant_config\.json: format_version=2, this tfmq reads version 1")
+    (ckpt / HEADER).write_text(json.dumps({**header, "format_version": 3}))
+    e, fp = _refused(ckpt, CheckpointMismatchError, match=r"quant_config\.json: format_version=3, this tfmq reads versions 1 and 2")
     assert not is_quantized(fp)
 
 
@@ -140,9 +140,9 @@ def _rewrite(ckpt, change):
 
 
 def test_tensor_missing(ckpt):
-    key = "mid_block.resnets.0.conv1.wq.0.w_int"
+    key = "mid_block.resnets.0.conv1.wq.0.w_packed"
     _rewrite(ckpt, lambda t: t.pop(key))
-    _refused(ckpt, match=r"quantized\.safetensors: mid_block\.resnets\.0\.conv1: wq\.0: tensor 'w_int' is missing")
+    _refused(ckpt, match=r"quantized\.safetensors: mid_block\.resnets\.0\.conv1: wq\.0: tensor 'w_packed' is missing")
 
 
 def test_tensor_of_the_wrong_shape(ckpt):

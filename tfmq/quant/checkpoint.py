@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from safetensors import SafetensorError, safe_open
 
-from .config import FORMAT_VERSION, ConfigError, QuantConfig
+from .config import FORMAT_VERSION, READ_FORMAT_VERSIONS, ConfigError, QuantConfig
 from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json
 from .prepare import act_quantizers, enable_inference, get_state, prepare_model, quant_layers, set_quant_state
 from .ptqd import MODULE as PTQD_MODULE, NoiseCorrection, attach_noise_correction, noise_correction
@@ -31,6 +31,7 @@ WEIGHTS_NAME = "quantized.safetensors"
 HEADER_NAME = "quant_config.json"
 FORMAT = "tfmq-quantized-unet"
 _WRITTEN_BY_SAVE = f"expected a directory written by tfmq.save (with {WEIGHTS_NAME} and {HEADER_NAME})"
+_READABLE = " and ".join(map(str, READ_FORMAT_VERSIONS))
 _HEADER_KEYS = {"config": dict, "layers": dict, "act_quantizers": dict, "stages_done": list, "unet_class": str,
                 "unet_config": dict, "fp_fingerprint": dict}
 
@@ -150,9 +151,9 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise CheckpointError(f"{p}: format={found!r}, expected {FORMAT!r}; {_WRITTEN_BY_SAVE}")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READ_FORMAT_VERSIONS:
         raise CheckpointMismatchError(
-            f"{p}: format_version={header.get('format_version')!r}, this tfmq reads version {FORMAT_VERSION}; re-run the quantization"
+            f"{p}: format_version={header.get('format_version')!r}, this tfmq reads versions {_READABLE}; re-run the quantization"
         )
     bad = [k for k, kind in _HEADER_KEYS.items() if not isinstance(header.get(k), kind)]
     if bad:
@@ -173,9 +174,9 @@ def _open_weights(path: str | os.PathLike, read: Callable[[Any], Any]) -> Any:
                     f"{p}: safetensors metadata format={meta.get('format')!r}, expected {FORMAT!r}; not a tfmq quantized "
                     f"checkpoint (an FP model's weights?)"
                 )
-            if meta.get("format_version") != str(FORMAT_VERSION):
+            if meta.get("format_version") not in [str(v) for v in READ_FORMAT_VERSIONS]:
                 raise CheckpointMismatchError(
-                    f"{p}: format_version={meta.get('format_version')!r}, this tfmq reads version {FORMAT_VERSION}; "
+                    f"{p}: format_version={meta.get('format_version')!r}, this tfmq reads versions {_READABLE}; "
                     f"re-run the quantization"
                 )
             return read(f)
@@ -322,7 +323,9 @@ def load(path: str | os.PathLike, fp_unet: nn.Module, device=None, config: Quant
         dev = next(fp_unet.parameters()).device
         corr = _restore(PTQD_MODULE, wfile, NoiseCorrection.from_state, _owned(tensors, PTQD_MODULE), header["noise_correction"], dev)
         _restore(PTQD_MODULE, wfile, attach_noise_correction, fp_unet, corr)
-    unused = sorted(set(tensors) - set(_export(fp_unet)[0]))
+    described = set(_export(fp_unet)[0])
+    described |= {k[: -len("w_packed")] + "w_int" for k in described if k.endswith(".w_packed")}  # version 1's name
+    unused = sorted(set(tensors) - described)
     if unused:
         raise CheckpointError(f"{wfile}: {len(unused)} tensor(s) the header does not describe (e.g. {unused[:3]}); damaged or foreign")
     state.stages_done = list(header["stages_done"])

@@ -16,7 +16,8 @@ from typing import Any
 
 from .registry import RECIPES
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the checkpoint layout written; 2: weight grids of <= 4 bits packed two per byte
+READ_FORMAT_VERSIONS = (1, 2)  # the layouts read (1: every grid as uint8 ``w_int``)
 POLICIES = ("tfmq", "all")
 FSC_SCOPES = ("tib", "all")
 MAX_ITERS_ENV = "TFMQ_MAX_ITERS"

@@ -9,6 +9,8 @@ quantizer mode is then a change to this one file, not to the checkpoint format c
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -160,21 +162,29 @@ class WeightQuantizer(nn.Module):
 
     # --- checkpoint -------------------------------------------------------------------------
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """What a checkpoint must store to rebuild this quantizer exactly (no copies are made).
+        """What a checkpoint must store to rebuild this quantizer exactly.
 
         Returns:
-            ``(tensors, meta)``: ``scale`` and ``zero_point`` always, plus ``w_int`` (uint8 grid,
-            mode ``int``) or ``alpha`` (mode ``adaround``); ``meta = {"mode", "soft"}`` (JSON).
+            ``(tensors, meta)``: ``scale`` and ``zero_point`` always, plus the final grid (mode ``int``)
+            or ``alpha`` (mode ``adaround``); ``meta = {"mode", "soft"}`` (JSON). A grid of at most 4
+            bits is stored packed, two values per byte (``w_packed``, ``meta["packed"] = "nibble"``,
+            ``meta["shape"]``: the grid's shape; ``pack_nibbles``); wider grids as ``w_int`` (uint8).
         """
         tensors = {"scale": self.scale, "zero_point": self.zero_point}
-        if self.mode == "int":
+        meta: dict[str, Any] = {"mode": self.mode, "soft": self.soft}
+        if self.mode == "int" and self.n_bits <= 4:
+            tensors["w_packed"] = pack_nibbles(self.w_int)
+            meta.update(packed="nibble", shape=list(self.w_int.shape))
+        elif self.mode == "int":
             tensors["w_int"] = self.w_int
         elif self.mode == "adaround":
             tensors["alpha"] = self.alpha.detach()
-        return tensors, {"mode": self.mode, "soft": self.soft}
+        return tensors, meta
 
     def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Inverse of ``export_state`` onto a quantizer of the same weight (built with ``init=False``).
+
+        Reads a packed (``w_packed``) or a plain uint8 (``w_int``) grid.
 
         Raises:
             ValueError: a tensor is missing or has the wrong shape or dtype, or the mode is unknown.
@@ -185,14 +195,16 @@ class WeightQuantizer(nn.Module):
         scale = _tensor(tensors, "scale", self.scale)
         zero_point = _tensor(tensors, "zero_point", self.zero_point)
         alpha = w_int = None
-        if mode == "int":
+        if mode == "int" and meta.get("packed") is not None:
+            w_int = self._unpacked(tensors, meta)
+        elif mode == "int":
             w_int = _tensor(tensors, "w_int")
             if w_int.dtype != torch.uint8 or w_int.dim() != self.scale.dim() or w_int.shape[0] != self.scale.shape[0]:
                 raise ValueError(f"tensor 'w_int' is {w_int.dtype} {tuple(w_int.shape)}, expected a uint8 grid with "
                                  f"{self.scale.shape[0]} output channels")
-            if int(w_int.max()) > 2**self.n_bits - 1:
-                raise ValueError(f"tensor 'w_int' holds {int(w_int.max())}, beyond the {self.n_bits}-bit grid")
-        elif mode == "adaround":
+        if w_int is not None and int(w_int.max()) > 2**self.n_bits - 1:
+            raise ValueError(f"tensor 'w_int' holds {int(w_int.max())}, beyond the {self.n_bits}-bit grid")
+        if mode == "adaround":
             alpha = _tensor(tensors, "alpha")
             if not alpha.is_floating_point() or alpha.dim() != self.scale.dim() or alpha.shape[0] != self.scale.shape[0]:
                 raise ValueError(f"tensor 'alpha' is {alpha.dtype} {tuple(alpha.shape)}, expected float with "
@@ -204,6 +216,43 @@ class WeightQuantizer(nn.Module):
         self.w_int = None if w_int is None else w_int.to(dev)
         self.alpha = None if alpha is None else nn.Parameter(alpha.to(dev))
         self.mode, self.soft = mode, bool(meta.get("soft", False)) and mode == "adaround"
+
+    def _unpacked(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
+        """The uint8 grid of a packed entry, checked against this quantizer's channels."""
+        if meta.get("packed") != "nibble":
+            raise ValueError(f"packed={meta.get('packed')!r}, expected 'nibble' (two 4-bit values per byte)")
+        shape = meta.get("shape")
+        channels = self.scale.shape[0]
+        if not (isinstance(shape, list) and len(shape) == self.scale.dim() and all(isinstance(d, int) and d > 0 for d in shape)
+                and shape[0] == channels):
+            raise ValueError(f"packed grid shape={shape!r}, expected {self.scale.dim()} positive ints starting with "
+                             f"{channels} output channels")
+        packed = _tensor(tensors, "w_packed")
+        per_row = (math.prod(shape[1:]) + 1) // 2
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (channels, per_row):
+            raise ValueError(f"tensor 'w_packed' is {packed.dtype} {tuple(packed.shape)}, expected uint8 "
+                             f"({channels}, {per_row}) for a {tuple(shape)} grid")
+        return unpack_nibbles(packed, tuple(shape))
+
+
+def pack_nibbles(grid: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit values per byte, row by row: uint8 ``[C, ...]`` (values < 16) -> uint8 ``[C, ceil(n / 2)]``.
+
+    Element ``2j`` of a row goes into the low nibble of byte ``j``, element ``2j + 1`` into the high
+    one; an odd row is padded with 0. ``unpack_nibbles`` inverts it exactly.
+    """
+    if grid.dtype != torch.uint8 or (grid.numel() and int(grid.max()) > 15):
+        raise ValueError(f"pack_nibbles: expected a uint8 grid of values 0..15, got {grid.dtype}")
+    flat = grid.reshape(grid.shape[0], -1)
+    if flat.shape[1] % 2:
+        flat = torch.nn.functional.pad(flat, (0, 1))
+    return (flat[:, 0::2] | (flat[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``pack_nibbles``: the uint8 grid of ``shape``."""
+    both = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+    return both[:, : math.prod(shape[1:])].reshape(shape).contiguous()
 
 
 class TimestepContext:
