@@ -222,6 +222,17 @@ def bench_capture(unet, scheduler, n: int, steps: int, device, tmp: Path) -> tup
         "calls_per_trajectory": per_traj, "capture_vs_plain": t_cap / t_plain}
 
 
+def parse_common(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict, dict]:
+    """Add --threads / --device / --json, parse, set torch's threads: ``(args, quant section, sampler section)``."""
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    params = yaml.safe_load(Path(args.params).read_text())
+    return args, dict(params["quant"]), params["sampler"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "models" / "fashion_ldm"))
@@ -232,13 +243,7 @@ def main() -> None:
     ap.add_argument("--loop-iters", type=int, default=100)
     ap.add_argument("--settings", default="tfmq-W4A8,naive-W4A8,qdiffusion-W4A8,tfmq-W4A32")
     ap.add_argument("--quick", action="store_true", help="16 trajectories, 8 images, 20 loop iterations, 2 iterations per stage")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", default=None, help="also write the ratios here")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    params = yaml.safe_load(Path(args.params).read_text())
-    base, s = dict(params["quant"]), params["sampler"]
+    args, base, s = parse_common(ap)
     if args.quick:
         args.samples, args.sample_n, args.loop_iters = 16, 8, 20
         for k in ("recon", "tiar_recon", "act_recon"):

@@ -10,7 +10,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
   if [ "$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; } || true
   else sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || true; fi
 fi
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import tfmq, prefect, dvc, mlflow, torch_fidelity" >/dev/null 2>&1; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import tfmq, prefect, dvc, mlflow, torch_fidelity, torchao" >/dev/null 2>&1; then
   echo "[tfmq] creating .venv and installing the project (pip, a few minutes)"
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true

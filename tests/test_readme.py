@@ -61,6 +61,8 @@ import json, torch
 assert images.shape == (16, 1, 28, 28) and images.dtype == torch.float32, (images.shape, images.dtype)
 assert float(images.min()) >= -1.0 and float(images.max()) <= 1.0
 again = sample(qunet, scheduler, num_samples=16, num_inference_steps=20, batch_size=16, seed=0)
+cos_int8 = float(torch.nn.functional.cosine_similarity(images_int8.flatten().double(), images.flatten().double(), dim=0))
+assert report.integer and cos_int8 >= 0.999, (len(report.integer), cos_int8)  # int8 kernels, the same images
 print("README-CHECK " + json.dumps({"roundtrip_max_abs": float((again - images).abs().max()),
                                      "calib_steps": calib.num_steps, "calib_rows": calib.rows_per_step}))
 '''

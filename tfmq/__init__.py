@@ -5,7 +5,15 @@
     >>> qunet = tfmq.quantize(unet, calib, tfmq.QuantConfig(method="tfmq", weight_bits=4, act_bits=8))
     >>> tfmq.save(qunet, "qunet/"); qunet = tfmq.load("qunet/", fresh_fp_unet)
 """
+import logging as _logging
+
 from .version import __version__
+
+# torchao (the integer export's kernels) is imported by diffusers whenever it is installed; with
+# diffusers 0.42 that prints three lines on every model load which concern neither tfmq nor its
+# checkpoints (torch.compile enum registration; diffusers' loader for torchao-serialized files).
+_logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
+_logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(_logging.ERROR)
 
 from .quant.config import ActReconConfig, CalibConfig, ConfigError, QuantConfig, ReconConfig, TiarConfig, parse_bits
 from .quant.recipes import RECIPES, Recipe, get_recipe, register_recipe
@@ -17,6 +25,7 @@ from .quant.api import calibrate_activations, quant_summary, quantize, reconstru
 from .quant.checkpoint import (
     CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load, read_header, save, verify_checkpoint,
 )
+from .quant.export import ExportError, ExportReport, export_int8
 
 METHODS = tuple(RECIPES)
 
@@ -28,7 +37,7 @@ __all__ = [
     "enable_inference", "prepare_model", "set_quant_state", "TemporalInformationBlock", "temporal_features",
     "calibrate_activations", "quant_summary", "quantize", "reconstruct_blocks", "reconstruct_temporal",
     "CheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError", "load", "read_header", "save",
-    "verify_checkpoint", "CalibrationSet", "capture_calibration_data",
+    "verify_checkpoint", "ExportError", "ExportReport", "export_int8", "CalibrationSet", "capture_calibration_data",
 ]
 
 

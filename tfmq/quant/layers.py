@@ -81,6 +81,7 @@ class QuantLayer(nn.Module):
         ) if (act_bits is not None and act_quant) else None
         self.use_wq = False
         self._w_cache: torch.Tensor | None = None
+        self.kernel: nn.Module | None = None  # set by tfmq.quant.export.export_int8: the real integer forward
 
     # --- state ------------------------------------------------------------------------------
     def weight_parts(self) -> list[torch.Tensor]:
@@ -168,7 +169,18 @@ class QuantLayer(nn.Module):
             self._w_cache = w_hat.detach()
         return w_hat
 
+    def release_float_weight(self) -> None:
+        """Drop the float weight and the uint8 grid once ``kernel`` computes this layer (export_int8)."""
+        if self.kernel is None:
+            raise RuntimeError(f"{self.name}: no integer kernel set; the float weight is still needed")
+        self.weight = nn.Parameter(torch.empty(0, device=self.weight.device), requires_grad=False)
+        self._w_cache = None
+        for q in self.wq:
+            q.w_int = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x)
         if self.aq is not None and self.aq[0].enabled:
             if self.split is None:
                 x = self.aq[0](x)
