@@ -2,18 +2,20 @@
 
 Everywhere else tfmq *simulates* quantization (float tensors on the integer grid). ``export_int8``
 turns a finished quantized model (``tfmq.quantize`` or ``tfmq.load``) into one whose quantized
-Conv2d / Linear layers compute with torchao's ``Int8Tensor`` weights, so the products run in the
-int8 GEMM kernel (``torch._int_mm`` via ``torchao.kernel.int_scaled_matmul``) and the weights are
-held as int8. Our grids and scales are mapped onto torchao's exactly:
+Conv2d / Linear layers hold int8 weights and compute int8 x int8 -> int32 products: the int8 GEMM
+``torch._int_mm`` on the CPU (oneDNN, what torchao's own CPU path calls) and torchao's
+``safe_int_mm`` on CUDA; layers without an input quantizer use torchao's ``Int8Tensor`` weight-only
+linear. Our grids and scales are mapped onto int8 exactly:
 
 - weight ``(q - z) * s`` (per output channel, asymmetric, ``q`` in ``[0, 2^b - 1]``) becomes the
   symmetric int8 ``qdata = q - z`` with the same ``s`` (torchao's int8 kernels take no weight zero
   point): exact for every ``b <= 7``. An 8-bit channel whose ``q - z`` leaves ``[-128, 127]`` is
   stored as ``q - 128`` and gets the rank-one term ``(128 - z) * s * sum_k x_hat_k`` added to its
   output (``x_hat``: the quantized input), which is exact as well.
-- activation ``clamp(round(x / s) + z, 0, 2^b - 1)`` (per tensor, asymmetric) becomes torchao's int8
+- activation ``clamp(round(x / s) + z, 0, 2^b - 1)`` (per tensor, asymmetric) becomes the int8
   ``clamp(round(x / s) + (z - 128), -128, 127)``: the same integers shifted by 128 for ``b = 8``; for
-  ``b < 8`` the input is first clamped to the ``b``-bit range in float, so it is exact too. The
+  ``b < 8`` the clamp is the ``b``-bit one, so it is exact too (rounding is ``round(x / s)``, as in
+  fake-quant, computed before im2col, where zero padding is exactly the zero point). The
   scale is read from the layer's own quantizer at every call, so **per-timestep scales (FSC)
   carry over** (one per UNet call; a batch mixing timesteps gets per-row scales).
 - a Conv2d is run as im2col (``F.unfold``) + the int8 GEMM: torchao 0.18 has no int8 convolution.
