@@ -279,9 +279,19 @@ def test_cli_run_one_setting(compared):
     assert header["config"]["recon"]["iters"] == 2  # the micro params' value reached the library
 
 
+def _offline() -> list[str]:
+    """``unshare -n`` (a network namespace with only a downed loopback) where this user may create one, else []."""
+    import shutil
+
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-n"]
+    return []
+
+
 def test_shared_weights_leave_the_metrics_unchanged(compared):
     """The study that adopted tfmq-W4A8's weight stages, run again computing its own (shared_weights: null, other
-    output dirs): the same metrics to the last digit, only the timings differ."""
+    output dirs): the same metrics to the last digit, only the timings differ. The rerun has no network (where
+    ``unshare -n`` is allowed, as for root here): quantization and evaluation need none."""
     import shutil
 
     ws, _ = compared
@@ -292,9 +302,14 @@ def test_shared_weights_leave_the_metrics_unchanged(compared):
     fp_paired = ws / "results-unshared" / "paired" / "fashion_ldm" / "fp.safetensors"
     fp_paired.parent.mkdir(parents=True)
     shutil.copy(ws / "results" / "paired" / "fashion_ldm" / "fp.safetensors", fp_paired)
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-prefect", "--config", "params-unshared.yaml",
-                        "--study", "tfmq-nofsc-W4A8"], cwd=ws, env=subprocess_env(TFMQ_TORCH_THREADS="1"),
-                       capture_output=True, text=True, timeout=900)
+    offline = _offline()
+    if offline:  # the namespace really has no route out
+        probe = subprocess.run([*offline, sys.executable, "-c", "import socket; s = socket.socket(); s.settimeout(3); "
+                                "print(s.connect_ex(('1.1.1.1', 80)))"], capture_output=True, text=True, timeout=60)
+        assert probe.stdout.strip() not in ("", "0"), probe
+    r = subprocess.run([*offline, sys.executable, "-m", "flows.cli", "run", "--no-prefect", "--config",
+                        "params-unshared.yaml", "--study", "tfmq-nofsc-W4A8"], cwd=ws,
+                       env=subprocess_env(TFMQ_TORCH_THREADS="1"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     shared = _metrics(ws, "fashion_ldm", "tfmq-nofsc-W4A8")
     own = json.loads((ws / "results-unshared" / "metrics" / "fashion_ldm" / "tfmq-nofsc-W4A8.json").read_text())

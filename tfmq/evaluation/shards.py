@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json
 from .feature_metrics import (
-    DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, frechet_distance, inception_score_from_logits, kid,
+    DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, inception_score_from_logits, kid,
 )
 
 SHARD_FORMAT = "tfmq-eval-shard"
@@ -173,6 +173,18 @@ def merge_shards(shards: Iterable[ShardStats]) -> ShardStats:
     return out
 
 
+def frechet_from_moments(m: Moments, mu_ref: np.ndarray, sigma_ref_sqrt: np.ndarray, trace_ref: float) -> float:
+    """FID of merged moments, in the form of ``frechet_distance_eig`` (the unsharded path): the eigenvalues of
+    ``S_r^(1/2) S_f S_r^(1/2)``, which are those of the Gram matrix that function decomposes (with fewer
+    samples than dimensions, only the ``n - 1`` largest: the others are zero up to round-off)."""
+    s_f = m.covariance()
+    diff = m.mean - mu_ref
+    w = np.linalg.eigvalsh(sigma_ref_sqrt @ s_f @ sigma_ref_sqrt)  # ascending
+    if m.n - 1 < w.size:  # rank(S_f) <= n - 1: the rest are round-off, whose square roots would add up
+        w = w[w.size - (m.n - 1):]
+    return float(diff @ diff + trace_ref + np.trace(s_f) - 2.0 * np.sqrt(np.clip(w, 0.0, None)).sum())
+
+
 def metrics_from_shards(merged: ShardStats, reference, fid_layer: str, spatial_layer: str | None = None,
                         logits_layer: str | None = None, kid_subsets: int = DEFAULT_KID_SUBSETS,
                         kid_subset_size: int = DEFAULT_KID_SUBSET_SIZE, is_splits: int = 10) -> dict[str, float]:
@@ -181,14 +193,17 @@ def metrics_from_shards(merged: ShardStats, reference, fid_layer: str, spatial_l
     ``reference`` is a ``ReferenceStats`` of the same extractor. Keys as ``compute_metrics``'s
     ``values`` without the extractor suffix: ``fid``, ``sfid``, ``kid_mean``, ``kid_std``, ``is``, ``is_std``.
     """
-    if reference.meta.get("extractor") != merged.extractor:
+    from .extractors import get_extractor_spec
+
+    if get_extractor_spec(reference.meta.get("extractor")).name != get_extractor_spec(merged.extractor).name:
         raise ShardError(f"shards of extractor {merged.extractor!r} against a reference of {reference.meta.get('extractor')!r}")
     out: dict[str, float] = {}
     for key, layer in (("fid", fid_layer), ("sfid", spatial_layer)):
         if layer is None or layer not in merged.moments:
             continue
         m = merged.moments[layer]
-        out[key] = frechet_distance(m.mean, m.covariance(), reference.mu[layer], reference.sigma[layer])
+        out[key] = frechet_from_moments(m, reference.mu[layer], reference.sigma_sqrt(layer),
+                                        float(np.trace(reference.sigma[layer])))
     if fid_layer in merged.rows:
         k = kid(merged.rows[fid_layer], reference.features[fid_layer], kid_subsets, kid_subset_size)
         out["kid_mean"], out["kid_std"] = k["mean"], k["std"]

@@ -1,0 +1,84 @@
+"""Shard tasks of a sharded evaluation: sample an index range, decode, extract features, file its statistics.
+
+Plain functions of plain arguments (paths, ints, dicts) so that any Dask worker can run them: a worker
+loads the model folder (and the quantized checkpoint) itself, and returns the path of the shard it
+wrote. ``shard_bounds`` cuts ``[0, N)`` at multiples of the sampling and feature batch sizes, so every
+batch of a shard is a batch of the unsharded run and its images and features are bit-identical to it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def shard_bounds(num_samples: int, num_shards: int, align: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges tiling ``[0, num_samples)``; every start is a multiple of ``align``."""
+    if num_samples < 1 or num_shards < 1 or align < 1:
+        raise ValueError(f"num_samples={num_samples}, num_shards={num_shards}, align={align}: expected positive integers")
+    size = math.ceil(math.ceil(num_samples / num_shards) / align) * align
+    return [(a, min(a + size, num_samples)) for a in range(0, num_samples, size)]
+
+
+def feature_layers(extractor: str) -> dict[str, str | None]:
+    """The layers ``compute_metrics`` reads for FID/KID, sFID and IS of ``extractor``."""
+    from tfmq.evaluation.extractors import get_extractor_spec
+
+    spec = get_extractor_spec(extractor)
+    return {"fid": spec.fid_feature, "spatial": spec.spatial_feature, "logits": spec.logits_feature}
+
+
+def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num_samples: int, e: dict[str, Any],
+                 sampler: dict[str, Any], out_dir: str, threads: int = 1) -> str:
+    """Samples ``[start, stop)`` of the setting's run -> ``out_dir/shard_<start>_<stop>`` (a ``ShardStats``).
+
+    ``e``: ``seed``, ``batch_size``, ``extractor``, ``feature_batch_size``, ``inception_weights``;
+    ``sampler``: ``name``, ``num_inference_steps``, ``eta``, ``guidance_scale``.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tasks.calibration import class_labels_for, guidance_kwargs
+    from tasks.common import device
+    from tasks.evaluate import load_model
+    from tfmq.diffusion.data import to_uint8
+    from tfmq.diffusion.sampling import initial_noise, make_scheduler, sample
+    from tfmq.evaluation.reference_stats import extract_features
+    from tfmq.evaluation.shards import save_shard, shard_statistics
+
+    model = load_model(fp_dir, checkpoint)
+    unet = model.unet
+    labels = class_labels_for(unet, num_samples, model.family)
+    size = unet.config.sample_size
+    shape = (num_samples, unet.config.in_channels, size, size)
+    sched = make_scheduler(sampler["name"], model.scheduler.config)
+    x = sample(unet, sched, stop - start, sampler["num_inference_steps"], e["batch_size"], e["seed"],
+               eta=sampler.get("eta", 0.0), class_labels=None if labels is None else labels[start:stop],
+               device=device(), progress=False, noise=initial_noise(e["seed"], shape, start, stop), first_index=start,
+               **guidance_kwargs(model.family, sampler.get("guidance_scale", 1.0)))
+    images = to_uint8(model.to_images(x))
+    from tfmq.evaluation.extractors import get_extractor_spec
+
+    ext = get_extractor_spec(e["extractor"]).name  # the reference's name for it (e.g. efficientnet-lite0-112)
+    layers = feature_layers(ext)
+    feats = extract_features(images, ext, [v for v in layers.values() if v], e.get("inception_weights"),
+                             e["feature_batch_size"], "cpu", progress=False)
+    gaussian = [v for v in (layers["fid"], layers["spatial"]) if v]
+    rows = [v for v in (layers["fid"], layers["logits"]) if v]
+    out = Path(out_dir) / f"shard_{start:07d}_{stop:07d}"
+    save_shard(shard_statistics(feats, start, ext, gaussian, rows), out)
+    return str(out)
+
+
+def merged_metrics(paths: list[str], reference: str, extractor: str, kid_subsets: int, kid_subset_size: int) -> dict:
+    """Merge the shard files and score them: ``metrics_from_shards`` against the cached reference."""
+    from tfmq.evaluation.reference_stats import ReferenceStats
+    from tfmq.evaluation.shards import load_shard, merge_shards, metrics_from_shards
+
+    layers = feature_layers(extractor)
+    merged = merge_shards(load_shard(p) for p in paths)
+    values = metrics_from_shards(merged, ReferenceStats.load(reference), layers["fid"], layers["spatial"],
+                                 layers["logits"], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    return {"n": merged.n, "shards": len(paths), **values}
