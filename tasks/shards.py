@@ -48,7 +48,11 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
     from tfmq.evaluation.reference_stats import extract_features
     from tfmq.evaluation.shards import save_shard, shard_statistics
 
+    import time
+
+    times, t0 = {}, time.perf_counter()
     model = load_model(fp_dir, checkpoint)
+    times["load"], t0 = time.perf_counter() - t0, time.perf_counter()
     unet = model.unet
     labels = class_labels_for(unet, num_samples, model.family)
     size = unet.config.sample_size
@@ -58,7 +62,9 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
                eta=sampler.get("eta", 0.0), class_labels=None if labels is None else labels[start:stop],
                device=device(), progress=False, noise=initial_noise(e["seed"], shape, start, stop), first_index=start,
                **guidance_kwargs(model.family, sampler.get("guidance_scale", 1.0)))
+    times["sample"], t0 = time.perf_counter() - t0, time.perf_counter()
     images = to_uint8(model.to_images(x))
+    times["decode"], t0 = time.perf_counter() - t0, time.perf_counter()
     from tfmq.evaluation.extractors import get_extractor_spec
 
     ext = get_extractor_spec(e["extractor"]).name  # the reference's name for it (e.g. efficientnet-lite0-112)
@@ -67,8 +73,10 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
                              e["feature_batch_size"], "cpu", progress=False)
     gaussian = [v for v in (layers["fid"], layers["spatial"]) if v]
     rows = [v for v in (layers["fid"], layers["logits"]) if v]
+    stats = shard_statistics(feats, start, ext, gaussian, rows)
+    times["features"] = time.perf_counter() - t0
     out = Path(out_dir) / f"shard_{start:07d}_{stop:07d}"
-    save_shard(shard_statistics(feats, start, ext, gaussian, rows), out)
+    save_shard(stats, out, extra={"seconds": {k: round(v, 4) for k, v in times.items()}, "threads": threads})
     return str(out)
 
 
@@ -77,8 +85,18 @@ def merged_metrics(paths: list[str], reference: str, extractor: str, kid_subsets
     from tfmq.evaluation.reference_stats import ReferenceStats
     from tfmq.evaluation.shards import load_shard, merge_shards, metrics_from_shards
 
+    import time
+
+    from tfmq.evaluation.shards import shard_extra
+
+    t0 = time.perf_counter()
     layers = feature_layers(extractor)
     merged = merge_shards(load_shard(p) for p in paths)
     values = metrics_from_shards(merged, ReferenceStats.load(reference), layers["fid"], layers["spatial"],
                                  layers["logits"], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
-    return {"n": merged.n, "shards": len(paths), **values}
+    seconds: dict[str, float] = {}
+    for p in paths:
+        for k, v in shard_extra(p).get("seconds", {}).items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    seconds["merge_and_score"] = time.perf_counter() - t0
+    return {"n": merged.n, "shards": len(paths), **values, "shard_seconds": seconds}

@@ -107,18 +107,25 @@ def shard_statistics(features: dict[str, torch.Tensor], start: int, extractor: s
                       {k: features[k].detach().float().cpu().contiguous() for k in rows})
 
 
-def save_shard(stats: ShardStats, path: str | os.PathLike) -> Path:
-    """Write ``stats`` to the directory ``path`` (safetensors + JSON, in one rename)."""
+def save_shard(stats: ShardStats, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``stats`` to the directory ``path`` (safetensors + JSON, in one rename); ``extra``: JSON kept in
+    ``shard.json`` under ``"extra"`` (e.g. the shard's timings), not read back by ``load_shard``."""
     tensors = {}
     for k, m in stats.moments.items():
         tensors[f"mean.{k}"], tensors[f"m2.{k}"] = torch.from_numpy(m.mean), torch.from_numpy(m.m2)
     tensors.update({f"rows.{k}": v for k, v in stats.rows.items()})
     meta = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "start": stats.start, "stop": stats.stop,
-            "extractor": stats.extractor, "moments": {k: m.n for k, m in stats.moments.items()}, "rows": sorted(stats.rows)}
+            "extractor": stats.extractor, "moments": {k: m.n for k, m in stats.moments.items()}, "rows": sorted(stats.rows),
+            "extra": extra or {}}
     with atomic_dir(path) as tmp:
         atomic_save_safetensors(tensors, tmp / _TENSORS, metadata={"format": SHARD_FORMAT})
         atomic_write_json(meta, tmp / _META)
     return Path(path)
+
+
+def shard_extra(path: str | os.PathLike) -> dict:
+    """The ``extra`` JSON a shard was saved with (``{}`` if none)."""
+    return json.loads((Path(path) / _META).read_text(encoding="utf-8")).get("extra") or {}
 
 
 def load_shard(path: str | os.PathLike) -> ShardStats:
