@@ -109,3 +109,33 @@ def test_a_shard_samples_exactly_its_rows_of_the_whole_run(eta):
     if eta > 0:  # the stochastic steps really depend on the index: a shard without first_index differs
         wrong = sample(unet, sched, 3, batch_size=3, class_labels=labels[4:7], noise=initial_noise(5, shape, 4, 7), **kw)
         assert (wrong - whole[4:7]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["uncond", "class-cfg"])
+def test_calibration_shards_merge_into_the_unsharded_set(kind, tmp_path):
+    import json
+
+    from conftest import make_tiny_unet
+    from engine_fixtures import SCHED_CFG
+    from tfmq.diffusion.calibration import capture_calibration_data, merge_calibration_shards
+    from tfmq.diffusion.sampling import make_scheduler
+
+    unet = make_tiny_unet("class" if kind == "class-cfg" else "uncond")
+    kw = dict(num_samples=6, num_inference_steps=3, batch_size=2, seed=4, eta=0.3, progress=False)
+    if kind == "class-cfg":
+        kw.update(class_labels=torch.tensor([0, 1, 0, 1, 0, 1]), null_class_label=2, guidance_scale=2.0)
+    whole = capture_calibration_data(unet, make_scheduler("ddim", SCHED_CFG), tmp_path / "whole", **kw)
+    shards = [capture_calibration_data(unet, make_scheduler("ddim", SCHED_CFG), tmp_path / f"s{a}", shard=(a, b), **kw)
+              for a, b in ((4, 6), (0, 2), (2, 4))]
+    merged = merge_calibration_shards([s.path for s in shards], tmp_path / "merged")
+    meta = lambda p: json.loads((Path(p) / "meta.json").read_text())  # noqa: E731
+    assert meta(merged.path) == meta(whole.path)
+    for i in range(whole.num_steps):
+        a, b = whole.load_step(i), merged.load_step(i)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), i  # same batches: bit-identical
+    with pytest.raises(ValueError, match=r"shard \[4, 6\) leaves a gap after trajectories \[0, 2\)"):
+        merge_calibration_shards([shards[1].path, shards[0].path], tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"cover trajectories \[0, 4\) of 6"):
+        merge_calibration_shards([shards[1].path, shards[2].path], tmp_path / "bad")
+    with pytest.raises(ValueError, match="not a calibration shard"):
+        merge_calibration_shards([whole.path], tmp_path / "bad")

@@ -108,16 +108,18 @@ class _UNetInputRecorder:
             raise RuntimeError(f"sampler step {self.step} of batch {self.batch} made {self.calls} UNet calls, expected 1")
 
 
+def _concat_rows(parts: list[dict[str, torch.Tensor]], cfg: bool) -> dict[str, torch.Tensor]:
+    """One step's rows of consecutive batches (or shards) in trajectory order; with CFG every part's null rows
+    first, then every part's conditional rows."""
+    if not cfg:
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    halves = {key: [p[key].chunk(2) for p in parts] for key in parts[0]}
+    return {key: torch.cat([h[0] for h in hs] + [h[1] for h in hs]) for key, hs in halves.items()}
+
+
 def _merge_step(part_dir: Path, out_file: Path, cfg: bool) -> int:
     """Concatenate one step's batch parts; with CFG put all null rows first, then all conditional rows."""
-    parts = [load_file(str(p)) for p in sorted(part_dir.glob("batch_*.safetensors"))]
-    merged = {}
-    for key in parts[0]:
-        if cfg:
-            halves = [p[key].chunk(2) for p in parts]
-            merged[key] = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
-        else:
-            merged[key] = torch.cat([p[key] for p in parts])
+    merged = _concat_rows([load_file(str(p)) for p in sorted(part_dir.glob("batch_*.safetensors"))], cfg)
     atomic_save_safetensors(merged, out_file, metadata={"format": FORMAT})
     shutil.rmtree(part_dir)
     return merged["sample"].shape[0]
@@ -139,6 +141,7 @@ def capture_calibration_data(
     guidance_scale: float = 1.0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> CalibrationSet:
     """Run FP trajectories with ``tfmq.diffusion.sampling.sample`` and store every UNet call's inputs.
 
@@ -153,6 +156,11 @@ def capture_calibration_data(
         encoder_hidden_states / negative_encoder_hidden_states: [num_samples or 1, L, D] text conditioning.
         null_class_label: the null class id for CFG with class labels.
         guidance_scale: > 1 records both the null and the conditional rows of each CFG call.
+        shard: ``(start, stop)``: record only trajectories ``[start, stop)`` of the run of ``num_samples``
+            (the same noise and per-sample generators as the whole run; ``class_labels`` / text rows are
+            the whole run's). ``merge_calibration_shards`` joins shards that tile ``[0, num_samples)``
+            into the set the whole run records; with boundaries on multiples of ``batch_size`` it is
+            bit-identical.
 
     Returns:
         The :class:`CalibrationSet` at ``out_dir``.
@@ -163,6 +171,23 @@ def capture_calibration_data(
     """
     cfg = guidance_scale > 1.0
     conditioning = "text" if encoder_hidden_states is not None else "class" if class_labels is not None else "none"
+    total, shard_kw = num_samples, {}
+    if shard is not None:
+        from .sampling import initial_noise
+
+        start, stop = int(shard[0]), int(shard[1])
+        if not 0 <= start < stop <= total:
+            raise ValueError(f"shard={shard}: expected 0 <= start < stop <= num_samples={total}")
+        c = unet.config
+        shard_kw = {"first_index": start, "noise": initial_noise(seed, (total, c.in_channels, c.sample_size, c.sample_size),
+                                                                 start, stop)}
+        num_samples = stop - start
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels)[start:stop]
+        def rows(v):  # per-sample text rows of the whole run -> this shard's; one shared row stays
+            return v[start:stop] if v is not None and v.dim() == 3 and v.shape[0] == total else v
+
+        encoder_hidden_states, negative_encoder_hidden_states = rows(encoder_hidden_states), rows(negative_encoder_hidden_states)
     with atomic_dir(out_dir) as tmp:
         recorder = _UNetInputRecorder(unet, tmp / "parts")
         handle = unet.register_forward_pre_hook(recorder, with_kwargs=True)
@@ -171,7 +196,7 @@ def capture_calibration_data(
                    class_labels=class_labels, device=device, progress=progress, callback=recorder.on_step,
                    encoder_hidden_states=encoder_hidden_states,
                    negative_encoder_hidden_states=negative_encoder_hidden_states,
-                   null_class_label=null_class_label, guidance_scale=guidance_scale)
+                   null_class_label=null_class_label, guidance_scale=guidance_scale, **shard_kw)
             recorder.finish()
         finally:
             handle.remove()
@@ -205,7 +230,48 @@ def capture_calibration_data(
             "seed": seed,
             "batch_size": batch_size,
             "unet_class": type(unet).__name__,
+            **({"shard": [int(shard[0]), int(shard[1])], "shard_of": total} if shard is not None else {}),
         }, tmp / "meta.json")
+    return CalibrationSet(out_dir)
+
+
+def merge_calibration_shards(shard_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> CalibrationSet:
+    """Join calibration shards (``capture_calibration_data(shard=...)``) that tile ``[0, N)`` into one set.
+
+    Rows are concatenated in trajectory order per step (with CFG: every shard's null rows, then every
+    shard's conditional rows, the layout of an unsharded capture); the meta is the unsharded run's.
+    Raises ``ValueError`` (one line) for a gap, an overlap or shards recorded with other settings.
+    """
+    metas = []
+    for d in shard_dirs:
+        meta = json.loads((Path(d) / "meta.json").read_text())
+        if "shard" not in meta:
+            raise ValueError(f"{d}: not a calibration shard (no 'shard' in meta.json); expected capture_calibration_data(shard=...)")
+        metas.append((meta["shard"][0], meta["shard"][1], Path(d), meta))
+    metas.sort(key=lambda m: m[0])
+    if not metas:
+        raise ValueError("no calibration shards to merge")
+    first = metas[0][3]
+    same = {k: v for k, v in first.items() if k not in ("shard", "num_samples", "rows_per_step")}
+    end = 0
+    for start, stop, d, meta in metas:
+        if start != end:
+            raise ValueError(f"{d}: shard [{start}, {stop}) {'overlaps' if start < end else 'leaves a gap after'} "
+                             f"trajectories [0, {end}); expected one starting at {end}")
+        diff = sorted(k for k in same if meta.get(k) != same[k])
+        if diff:
+            raise ValueError(f"{d}: recorded with other settings than {metas[0][2]} ({', '.join(diff[:4])})")
+        end = stop
+    if end != first["shard_of"]:
+        raise ValueError(f"the shards cover trajectories [0, {end}) of {first['shard_of']}; the rest is missing")
+    with atomic_dir(out_dir) as tmp:
+        rows = 0
+        for i in range(first["num_steps"]):
+            merged = _concat_rows([load_file(str(_step_file(d, i))) for _, _, d, _ in metas], first["cfg"])
+            atomic_save_safetensors(merged, _step_file(tmp, i), metadata={"format": FORMAT})
+            rows = int(merged["sample"].shape[0])
+        meta = {k: v for k, v in first.items() if k not in ("shard", "shard_of")}
+        atomic_write_json({**meta, "num_samples": first["shard_of"], "rows_per_step": rows}, tmp / "meta.json")
     return CalibrationSet(out_dir)
 
 
