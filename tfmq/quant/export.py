@@ -135,7 +135,7 @@ class _Part(nn.Module):
 class IntegerKernel(nn.Module):
     """The integer forward of one ``QuantLayer`` (set as ``layer.kernel``; the layer's hooks stay)."""
 
-    def __init__(self, layer: QuantLayer, conv: str):
+    def __init__(self, layer: QuantLayer):
         super().__init__()
         self.kind = layer.kind
         self.conv_args = dict(layer.conv_args) if layer.kind == "conv" else None
@@ -149,7 +149,6 @@ class IntegerKernel(nn.Module):
             parts.append(_Part(grid, q.zero_point, q.scale, a, bits if a is not None else None))
         self.parts = nn.ModuleList(parts)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        self.conv = conv
 
     def _columns(self, x: torch.Tensor) -> torch.Tensor:
         a = self.conv_args
@@ -234,7 +233,7 @@ def export_int8(unet: nn.Module, conv: str = "im2col") -> ExportReport:
         if why is not None:
             report.simulated[name] = why
             continue
-        kernel = IntegerKernel(layer, conv)
+        kernel = IntegerKernel(layer)
         (report.integer if kernel.parts[0].act is not None else report.weight_only).append(name)
         report.float_weight_bytes += layer.weight.numel() * layer.weight.element_size()
         report.int8_weight_bytes += sum(p.int8_bytes() for p in kernel.parts)
