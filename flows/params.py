@@ -213,6 +213,48 @@ class Report(Section):
     num_bootstrap: int  # rounds of the paired comparisons (FID / KID differences on shared resampled indices)
 
 
+class ScaleOut(Section):
+    """Where the evaluate and calib_data stages sample: in their own process, or as shards on Dask (flows/sharded.py).
+
+    No stage lists it as a dependency: the shard count changes no output (tests/test_sharded_stages.py)."""
+
+    shards: int  # 1: in the stage's process; N > 1: N Prefect tasks on a DaskTaskRunner
+    address: str | None  # an existing Dask scheduler (tcp://host:8786); null: $TFMQ_DASK_ADDRESS, else a LocalCluster
+    workers: int | None  # LocalCluster worker processes; null: cores // threads
+    threads: int  # torch threads per worker
+    scratch: str  # shard files: <scratch>/eval/<model>/<setting>, <scratch>/calib/<model>; removed after the merge
+
+    @field_validator("shards", "threads")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"scale_out.{info.field_name}={v!r}: expected an integer >= 1; fix it in {_FILE}")
+        return v
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"scale_out.workers={v!r}: expected an integer >= 1 or null (cores // threads); "
+                             f"fix it in {_FILE}")
+        return v
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z][a-z0-9+]*://\S+", v):
+            raise ValueError(f"scale_out.address={v!r}: expected a Dask scheduler address like tcp://10.0.0.5:8786 "
+                             f"or null; fix it in {_FILE}")
+        return v
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the stages map shards over Dask (more than one shard, or a scheduler to run them on)."""
+        import os
+
+        return self.shards > 1 or bool(self.address or os.environ.get("TFMQ_DASK_ADDRESS"))
+
+
 class Mlflow(Section):
     experiment: str
     tracking_uri: str | None
@@ -273,6 +315,7 @@ class Params(Section):
     grid: Grid
     studies: Studies
     report: Report
+    scale_out: ScaleOut
     mlflow: Mlflow
 
     @field_validator("quant")

@@ -1,8 +1,12 @@
-"""Sharded sampling + feature extraction of one setting, mapped over Dask through Prefect.
+"""Sharded sampling, scoring and calibration capture, mapped over Dask through Prefect.
 
-``sharded_scores`` cuts the setting's ``num_samples`` into shards (``tasks.shards.shard_bounds``),
-maps ``sample_shard`` over them with Prefect's ``DaskTaskRunner`` and merges the shard files into
-FID / sFID / KID / IS (``tfmq.evaluation.shards``). Tasks pass paths, never tensors.
+``sample_shards`` cuts a setting's ``eval.num_samples`` into shards (``tasks.shards.shard_bounds``, on
+batch boundaries) and maps ``tasks.shards.sample_shard`` over them with Prefect's ``DaskTaskRunner``;
+``tasks.evaluate.score_shards`` merges the shard files into the evaluate stage's outputs, the same as
+an unsharded run (``scale_out.shards: 1``, one shard in the stage's own process). ``calib_shards`` does
+the same for the FP calibration trajectories (``tasks.calibration.calib_shard``, merged by
+``merge_calib_shards``). ``sharded_scores`` is the bare FID / sFID / KID / IS of one model (benchmarks,
+tests). Tasks pass paths, never tensors.
 
 Where the work runs: ``address`` (or ``TFMQ_DASK_ADDRESS``) names an existing Dask scheduler (a
 cluster of GPU workers, dask-jobqueue, Kubernetes); without one, a ``LocalCluster`` on 127.0.0.1
@@ -18,6 +22,7 @@ from typing import Any
 
 from prefect import flow, task
 
+from tasks import calibration as calib_tasks
 from tasks import shards as shard_tasks
 
 ADDRESS_ENV = "TFMQ_DASK_ADDRESS"
@@ -36,6 +41,48 @@ def task_runner(address: str | None = None, workers: int | None = None, threads:
 
 
 sample_shard = task(shard_tasks.sample_shard, name="sample-shard", retries=1)
+calib_shard = task(calib_tasks.calib_shard, name="calib-shard", retries=1)
+_SHARD_TASKS = {"sample": sample_shard, "calib": calib_shard}
+
+
+@flow(name="shards", validate_parameters=False)
+def _map_shards(kind: str, jobs: list[dict[str, Any]]) -> list[str]:
+    futures = [_SHARD_TASKS[kind].submit(**job) for job in jobs]
+    return [f.result() for f in futures]
+
+
+def run_shards(kind: str, jobs: list[dict[str, Any]], address: str | None = None, workers: int | None = None,
+               threads: int = 1, plain: bool = False) -> list[str]:
+    """The shard files of ``jobs`` (keyword arguments of ``sample_shard`` / ``calib_shard``), in job order.
+
+    ``plain``: one after another in this process (no Prefect, no Dask: ``--no-prefect``), same files."""
+    if plain:
+        return [_SHARD_TASKS[kind].fn(**{**job, "threads": None}) for job in jobs]
+    flow_ = _map_shards.with_options(task_runner=task_runner(address, workers, threads),
+                                     flow_run_name=f"{kind}-shards-{len(jobs)}")
+    return flow_(kind, jobs)
+
+
+def sample_shards(job: dict[str, Any], num_shards: int, out_dir: str, address: str | None = None,
+                  workers: int | None = None, threads: int = 1, plain: bool = False) -> list[str]:
+    """One evaluate stage's samples as ``num_shards`` tasks: ``job`` is ``tasks.evaluate.shard_job``'s."""
+    e = job["e"]
+    bounds = shard_tasks.shard_bounds(job["num_samples"], num_shards,
+                                      math.lcm(e["batch_size"], e.get("feature_batch_size", e["batch_size"])))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    jobs = [{**job, "start": a, "stop": b, "out_dir": out_dir, "threads": threads} for a, b in bounds]
+    return run_shards("sample", jobs, address, workers, threads, plain)
+
+
+def calib_shards(fp_dir: str, c: dict[str, Any], s: dict[str, Any], num_shards: int, out_dir: str,
+                 address: str | None = None, workers: int | None = None, threads: int = 1,
+                 plain: bool = False) -> list[str]:
+    """One model's calibration trajectories as ``num_shards`` tasks (``c``: calib_data, ``s``: sampler, as dicts)."""
+    bounds = shard_tasks.shard_bounds(c["num_samples"], num_shards, c["batch_size"])
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    jobs = [{"fp_dir": fp_dir, "c": c, "s": s, "start": a, "stop": b, "out_dir": out_dir, "threads": threads}
+            for a, b in bounds]
+    return run_shards("calib", jobs, address, workers, threads, plain)
 
 
 @flow(name="sharded-scores", validate_parameters=False)

@@ -81,8 +81,21 @@ def calib_data_flow(params: Params, model: str | None = None) -> str:
     from pathlib import Path
 
     model = model or params.model.name
-    return call(calib_tasks.calib_data, params.calib_data, params.sampler, str(Path(params.model.root) / model),
-                str(Path(params.calib_data.dir) / model))
+    fp_dir, out_dir = str(Path(params.model.root) / model), str(Path(params.calib_data.dir) / model)
+    so = params.scale_out
+    if not so.sharded:
+        return call(calib_tasks.calib_data, params.calib_data, params.sampler, fp_dir, out_dir)
+    import shutil
+
+    from flows.sharded import calib_shards
+
+    scratch = Path(so.scratch) / "calib" / model
+    shutil.rmtree(scratch, ignore_errors=True)
+    paths = calib_shards(fp_dir, params.calib_data.model_dump(), params.sampler.model_dump(), so.shards, str(scratch),
+                         so.address, so.workers, so.threads, plain=PLAIN.get())
+    out = call(calib_tasks.merge_calib_shards, paths, out_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out
 
 
 def _run_name(kind: str) -> Callable[[], str]:
@@ -128,7 +141,7 @@ def evaluate_flow(setting: Setting, params: Params) -> str:
         scores = call(real_tasks.score_real, params.eval, params.data.path, params.reference.split, ref, clf,
                       setting.results_dir)
     else:
-        scores = call(eval_tasks.sample_and_score, setting, params.eval, params.sampler, ref, clf)
+        scores = _sample_and_score(setting, params, ref, clf)
     floor = None
     if setting.kind == "fp" and (scores.get("family") or {}).get("space") == "latent":
         floor = call(real_tasks.score_reconstructions, setting, params.eval, params.data.path,
@@ -137,6 +150,25 @@ def evaluate_flow(setting: Setting, params: Params) -> str:
     out = call(eval_tasks.write_metrics, setting, params.eval, params.sampler, scores, temporal, floor)
     call(log_run, setting, params.mlflow, params.model_dump(exclude={"quant"}))
     return out
+
+
+def _sample_and_score(setting: Setting, params: Params, ref: str, clf: str) -> dict[str, Any]:
+    """A setting's samples and scores: in this process, or as ``scale_out.shards`` Dask tasks (the same numbers)."""
+    import shutil
+    from pathlib import Path
+
+    so = params.scale_out
+    scratch = Path(so.scratch) / "eval" / setting.model / setting.name
+    if not so.sharded:
+        return call(eval_tasks.sample_and_score, setting, params.eval, params.sampler, ref, clf, str(scratch))
+    from flows.sharded import sample_shards
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    job = eval_tasks.shard_job(setting, params.eval, params.sampler, clf)
+    paths = sample_shards(job, so.shards, str(scratch), so.address, so.workers, so.threads, plain=PLAIN.get())
+    scores = call(eval_tasks.score_shards, setting, params.eval, params.sampler, ref, clf, paths)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return scores
 
 
 @flow(name="report", **_OBJECTS)

@@ -54,42 +54,97 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def shard_job(setting: Setting, e, sampler, classifier: str) -> dict[str, Any]:
+    """The plain keyword arguments of ``tasks.shards.sample_shard`` for this setting (all but the index range,
+    ``out_dir`` and threads): what one evaluation shard samples, keeps and compares against."""
+    fp_paired = None
+    if setting.kind == "quantized" and setting.paired_path is not None:
+        if Path(setting.fp_paired_path).is_file():
+            fp_paired = setting.fp_paired_path
+        else:
+            logger().warning("paired metrics skipped: no FP samples at %s (run `tfmq evaluate --fp --model %s` first)",
+                             setting.fp_paired_path, setting.model)
+    return {"fp_dir": setting.fp_dir, "checkpoint": setting.checkpoint, "num_samples": e.num_samples,
+            "e": {"seed": e.seed, "batch_size": e.batch_size, "extractor": e.extractor,
+                  "inception_weights": e.inception_weights},
+            "sampler": sampler.model_dump(), "classifier": classifier, "fp_paired": fp_paired, "keep_images": True}
+
+
 @pipeline_task
-def sample_and_score(setting: Setting, e, sampler, reference: str, classifier: str) -> dict[str, Any]:
+def sample_and_score(setting: Setting, e, sampler, reference: str, classifier: str, scratch: str) -> dict[str, Any]:
     """Sample ``eval.num_samples`` images (latents decoded by the FP autoencoder; class-conditional models with
-    classifier-free guidance at ``sampler.guidance_scale``), save a grid, compute FID/sFID/KID/IS (and the domain IS)."""
-    from tfmq.diffusion.data import to_uint8
-    from tfmq.diffusion.sampling import sample, save_grid
+    classifier-free guidance at ``sampler.guidance_scale``), save a grid, compute FID/sFID/KID/IS (and the domain IS).
 
-    dev, prog = device(), show_progress()
-    model = load_model(setting.fp_dir, setting.checkpoint)
-    labels = class_labels_for(model.unet, e.num_samples, model.family)
-    guide = guidance_kwargs(model.family, sampler.guidance_scale)
+    In this process, as ONE shard of ``tasks.shards`` (``scratch``: where it is filed, removed after the
+    merge): the same code and numbers as a run sharded over Dask (``flows.sharded.sample_shards``, then
+    ``score_shards``), whatever the shard count."""
+    import shutil
+
+    from tasks.shards import sample_shard
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    with timed(COMPUTE_TIMES, "sample"):
+        path = sample_shard(start=0, stop=e.num_samples, out_dir=scratch, threads=None, progress=show_progress(),
+                            **shard_job(setting, e, sampler, classifier))
+    out = _score_shards(setting, e, sampler, reference, classifier, [path])
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+@pipeline_task
+def score_shards(setting: Setting, e, sampler, reference: str, classifier: str, paths: list[str]) -> dict[str, Any]:
+    """Merge the evaluation shards of this setting (``tasks.shards.sample_shard`` over ``[0, eval.num_samples)``)
+    into its scores, grid and paired file: what ``sample_and_score`` returns."""
+    return _score_shards(setting, e, sampler, reference, classifier, paths)
+
+
+def _score_shards(setting: Setting, e, sampler, reference: str, classifier: str, paths: list[str]) -> dict[str, Any]:
+    import time
+
+    from tasks.shards import PAIRED_ROWS
+    from tfmq.diffusion.pipelines import read_family
+    from tfmq.diffusion.sampling import save_grid
+    from tfmq.evaluation.classifier import load_classifier
+    from tfmq.evaluation.reference_stats import ReferenceStats
+    from tfmq.evaluation.shards import load_shard, merge_shards, scores_from_shards, shard_extra
+
     times: dict[str, float] = {}
-    with timed(times, "sample"), timed(COMPUTE_TIMES, "sample"):
-        x = sample(model.unet, _sampler(sampler, model.scheduler), e.num_samples, sampler.num_inference_steps,
-                   e.batch_size, e.seed, eta=sampler.eta, class_labels=labels, device=dev, progress=prog, **guide)
-    with timed(times, "decode"), timed(COMPUTE_TIMES, "decode"):
-        x = model.to_images(x)
-    images = to_uint8(x)
-    save_grid(x[: e.grid_images], Path(setting.results_dir) / "plots" / "samples.png", nrow=8, scale=2)
-    scores, domain = score_images(images, labels, e, reference, classifier, times, return_features=True)
-    features = scores.pop("features")
+    for p in paths:  # what the shards spent, summed over them (worker time, not wall time)
+        for k, v in shard_extra(p).get("seconds", {}).items():
+            times[k] = round(times.get(k, 0.0) + v, 4)
+    t0 = time.perf_counter()
+    merged = merge_shards(load_shard(p) for p in paths)
+    if merged.n != e.num_samples:
+        raise ValueError(f"the shards hold samples [0, {merged.n}); expected [0, {e.num_samples}) (eval.num_samples)")
+    family = read_family(setting.fp_dir)
+    guide = guidance_kwargs(family, sampler.guidance_scale)
+    images, labels = merged.rows.pop("images"), merged.rows.pop("class_labels", None)
+    domain_logits = merged.rows.pop("domain_logits")
+    per = {k: merged.rows.pop(k).numpy() for k in PAIRED_ROWS if k in merged.rows}
+    save_grid(images[: e.grid_images].float().div(127.5).sub(1.0), Path(setting.results_dir) / "plots" / "samples.png",
+              nrow=8, scale=2)
+    with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
+        scores = scores_from_shards(merged, ReferenceStats.load(reference), num_bootstrap=e.num_bootstrap,
+                                    bootstrap_seed=e.seed, progress=show_progress())
+        domain = _domain_from_logits(load_classifier(classifier, device()), domain_logits, labels)
+    features = merged.rows[scores["metrics"]["fid"]["feature"]]
     with timed(times, "paired"), timed(COMPUTE_TIMES, "metrics"):
-        paired = paired_against_fp(setting, images, features, labels, e)
-    logger().info("sampled %d images in %.1f s, metrics in %.1f s", len(images), times["sample"], times["metrics"])
-    return _jsonable({"scores": scores, "domain": domain, "times": times, "family": model.family.to_json(),
-                      "guidance_scale": guide["guidance_scale"], "paired": paired})
+        paired = paired_against_fp(setting, images, features, labels, per, e)
+    times["merge_and_score"] = round(time.perf_counter() - t0, 4)
+    logger().info("sampled %d images in %d shard(s), %.1f s of sampling, metrics in %.1f s", len(images), len(paths),
+                  times.get("sample", 0.0), times["metrics"])
+    return _jsonable({"scores": scores, "domain": domain, "times": times, "family": family.to_json(),
+                      "guidance_scale": guide["guidance_scale"], "paired": paired, "shards": len(paths)})
 
 
-def paired_against_fp(setting: Setting, images, features, labels, e) -> dict[str, Any] | None:
+def paired_against_fp(setting: Setting, images, features, labels, per: dict, e) -> dict[str, Any] | None:
     """Write this row's samples + features (``setting.paired_path``); for a quantized row also its per-sample MSE,
-    PSNR, SSIM and feature distance against the FP samples of the same noise, and return their means with
-    bootstrap intervals and the FID against the FP samples (``None`` without an FP paired file)."""
+    PSNR, SSIM and feature distance against the FP samples of the same noise (``per``, computed by the shards),
+    and return their means with bootstrap intervals and the FID against the FP samples (``None`` without them)."""
     import torch
     from safetensors.torch import load_file
 
-    from tfmq.evaluation.paired import fid_between, mean_interval, per_sample_vs_reference
+    from tfmq.evaluation.paired import fid_between, mean_interval
     from tfmq.io import atomic_save_safetensors
 
     if setting.paired_path is None:
@@ -98,49 +153,46 @@ def paired_against_fp(setting: Setting, images, features, labels, e) -> dict[str
     if labels is not None:
         tensors["class_labels"] = labels.to(torch.int64).cpu().contiguous()
     summary = None
-    fp_path = Path(setting.fp_paired_path)
-    if setting.kind == "quantized":
-        if not fp_path.is_file():
-            logger().warning("paired metrics skipped: no FP samples at %s (run `tfmq evaluate --fp --model %s` first)",
-                             fp_path, setting.model)
-        else:
-            fp = load_file(str(fp_path))
-            if fp["images"].shape != images.shape:
-                raise ValueError(f"{fp_path} holds {tuple(fp['images'].shape)} FP samples but this run made "
-                                 f"{tuple(images.shape)}; expected the same eval.num_samples and seed: re-run evaluate --fp")
-            per = per_sample_vs_reference(fp["images"], images, fp["features"], features)
-            tensors.update({k: torch.from_numpy(v) for k, v in per.items()})
-            summary = {f"{k}_vs_fp": mean_interval(v, 1000, e.seed) for k, v in per.items()}
-            summary["fid_vs_fp"] = fid_between(features.double().numpy(), fp["features"].double().numpy())
+    if setting.kind == "quantized" and per:
+        tensors.update({k: torch.from_numpy(v) for k, v in per.items()})
+        summary = {f"{k}_vs_fp": mean_interval(v, 1000, e.seed) for k, v in per.items()}
+        fp = load_file(str(setting.fp_paired_path))
+        summary["fid_vs_fp"] = fid_between(features.double().numpy(), fp["features"].double().numpy())
     atomic_save_safetensors(tensors, setting.paired_path, metadata={"setting": setting.name, "model": setting.model,
                                                                      "seed": str(e.seed)})
     return summary
 
 
-def score_images(images, labels, e, reference: str, classifier: str, times: dict[str, float],
-                 return_features: bool = False):
-    """FID/sFID/KID/IS against ``reference`` and the domain IS of ``classifier``: the same for samples and real images.
-    ``return_features``: the scores also carry the FID-layer ``features`` (a tensor: pop it before JSON)."""
+def score_images(images, labels, e, reference: str, classifier: str, times: dict[str, float]):
+    """FID/sFID/KID/IS against ``reference`` and the domain IS of ``classifier`` of images in memory (real images,
+    reconstructions; samples go through the shards of ``sample_and_score``)."""
     from tfmq.evaluation.metrics import compute_metrics
 
     with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
         scores = compute_metrics(images, reference, extractor=e.extractor, weights_path=e.inception_weights,
                                  num_bootstrap=e.num_bootstrap, bootstrap_seed=e.seed, device=device(),
-                                 progress=show_progress(), return_features=return_features)
+                                 progress=show_progress())
         domain = _domain_scores(classifier, images, labels)
     return scores, domain
 
 
 def _domain_scores(classifier: str, images, labels) -> dict[str, Any] | None:
     """Domain IS (+ class accuracy for class-conditional samples) from the pipeline's Fashion-MNIST classifier."""
-    from tfmq.evaluation.classifier import class_accuracy, domain_inception_score, load_classifier
+    from tfmq.evaluation.classifier import load_classifier, predict_logits
 
     model = load_classifier(classifier, device())
-    s = domain_inception_score(model, images, device=device())
+    return _domain_from_logits(model, predict_logits(model, images, device=device()), labels)
+
+
+def _domain_from_logits(model, logits, labels) -> dict[str, Any]:
+    """``_domain_scores`` from the classifier's logits of the images (``model``: for its recorded test accuracy)."""
+    from tfmq.evaluation.classifier import domain_inception_score_from_logits
+
+    s = domain_inception_score_from_logits(logits)
     out = {"is_mean": s["mean"], "is_std": s["std"], "label": s["label"],
-           "classifier_test_accuracy": s.get("classifier_test_accuracy")}
+           "classifier_test_accuracy": getattr(model, "test_accuracy", None)}
     if labels is not None:
-        out["class_accuracy"] = class_accuracy(model, images, labels, device=device())["accuracy"]
+        out["class_accuracy"] = float((logits.argmax(1) == labels.cpu().long()).float().mean())
     return out
 
 

@@ -30,25 +30,33 @@ def feature_layers(extractor: str) -> dict[str, str | None]:
 
 
 def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num_samples: int, e: dict[str, Any],
-                 sampler: dict[str, Any], out_dir: str, threads: int = 1) -> str:
+                 sampler: dict[str, Any], out_dir: str, threads: int | None = 1, classifier: str | None = None,
+                 fp_paired: str | None = None, keep_images: bool = False, progress: bool = False) -> str:
     """Samples ``[start, stop)`` of the setting's run -> ``out_dir/shard_<start>_<stop>`` (a ``ShardStats``).
 
-    ``e``: ``seed``, ``batch_size``, ``extractor``, ``feature_batch_size``, ``inception_weights``;
-    ``sampler``: ``name``, ``num_inference_steps``, ``eta``, ``guidance_scale``.
+    ``e``: ``seed``, ``batch_size``, ``extractor``, ``inception_weights`` (optional ``feature_batch_size``,
+    default ``batch_size``); ``sampler``: ``name``, ``num_inference_steps``, ``eta``, ``guidance_scale``.
+    ``threads``: torch threads of this process (``None``: leave them). Per-sample rows the evaluate stage
+    needs: ``keep_images`` (uint8 samples, for grids and the paired file; with them the class labels),
+    ``classifier`` (the domain classifier's logits: domain IS, class accuracy), ``fp_paired`` (the FP
+    row's paired file: MSE / PSNR / SSIM / feature distance of these samples against the FP samples of
+    the same noise, read for this range only).
     """
+    import time
+
     import torch
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tasks.calibration import class_labels_for, guidance_kwargs
     from tasks.common import device
     from tasks.evaluate import load_model
     from tfmq.diffusion.data import to_uint8
     from tfmq.diffusion.sampling import initial_noise, make_scheduler, sample
+    from tfmq.evaluation.extractors import get_extractor_spec
     from tfmq.evaluation.reference_stats import extract_features
     from tfmq.evaluation.shards import save_shard, shard_statistics
-
-    import time
 
     times, t0 = {}, time.perf_counter()
     model = load_model(fp_dir, checkpoint)
@@ -58,26 +66,62 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
     size = unet.config.sample_size
     shape = (num_samples, unet.config.in_channels, size, size)
     sched = make_scheduler(sampler["name"], model.scheduler.config)
+    mine = None if labels is None else labels[start:stop]
     x = sample(unet, sched, stop - start, sampler["num_inference_steps"], e["batch_size"], e["seed"],
-               eta=sampler.get("eta", 0.0), class_labels=None if labels is None else labels[start:stop],
-               device=device(), progress=False, noise=initial_noise(e["seed"], shape, start, stop), first_index=start,
+               eta=sampler.get("eta", 0.0), class_labels=mine, device=device(), progress=progress,
+               noise=initial_noise(e["seed"], shape, start, stop), first_index=start,
                **guidance_kwargs(model.family, sampler.get("guidance_scale", 1.0)))
     times["sample"], t0 = time.perf_counter() - t0, time.perf_counter()
     images = to_uint8(model.to_images(x))
     times["decode"], t0 = time.perf_counter() - t0, time.perf_counter()
-    from tfmq.evaluation.extractors import get_extractor_spec
-
     ext = get_extractor_spec(e["extractor"]).name  # the reference's name for it (e.g. efficientnet-lite0-112)
     layers = feature_layers(ext)
     feats = extract_features(images, ext, [v for v in layers.values() if v], e.get("inception_weights"),
-                             e["feature_batch_size"], "cpu", progress=False)
+                             e.get("feature_batch_size", e["batch_size"]), "cpu", progress=False)
+    times["features"], t0 = time.perf_counter() - t0, time.perf_counter()
+    per_sample: dict[str, torch.Tensor] = {}
+    if keep_images:
+        per_sample["images"] = images
+        if mine is not None:
+            per_sample["class_labels"] = mine.to(torch.int64)
+    if classifier is not None:
+        from tfmq.evaluation.classifier import load_classifier, predict_logits
+
+        per_sample["domain_logits"] = predict_logits(load_classifier(classifier, device()), images,
+                                                     batch_size=e.get("feature_batch_size", e["batch_size"]),
+                                                     device=device())
+        times["classifier"], t0 = time.perf_counter() - t0, time.perf_counter()
+    if fp_paired is not None:
+        per_sample.update(_paired_rows(fp_paired, start, stop, num_samples, images, feats[layers["fid"]]))
+        times["paired"] = time.perf_counter() - t0
     gaussian = [v for v in (layers["fid"], layers["spatial"]) if v]
     rows = [v for v in (layers["fid"], layers["logits"]) if v]
-    stats = shard_statistics(feats, start, ext, gaussian, rows)
-    times["features"] = time.perf_counter() - t0
+    stats = shard_statistics(feats, start, ext, gaussian, rows, per_sample)
     out = Path(out_dir) / f"shard_{start:07d}_{stop:07d}"
     save_shard(stats, out, extra={"seconds": {k: round(v, 4) for k, v in times.items()}, "threads": threads})
     return str(out)
+
+
+#: the per-sample paired metrics a shard files against the FP samples (``tfmq.evaluation.paired``)
+PAIRED_ROWS = ("mse", "psnr", "ssim", "feat_dist")
+
+
+def _paired_rows(fp_paired: str, start: int, stop: int, num_samples: int, images, features) -> dict:
+    """MSE / PSNR / SSIM / feature distance of samples ``[start, stop)`` against those rows of the FP paired file."""
+    import torch
+    from safetensors import safe_open
+
+    from tfmq.evaluation.paired import per_sample_vs_reference
+
+    with safe_open(fp_paired, "pt") as f:
+        want = [num_samples, *images.shape[1:]]
+        have = list(f.get_slice("images").get_shape())
+        if have != want:
+            raise ValueError(f"{fp_paired} holds {tuple(have)} FP samples but this run makes {tuple(want)}; expected "
+                             "the same eval.num_samples and seed: re-run evaluate --fp")
+        fp_images, fp_features = f.get_slice("images")[start:stop], f.get_slice("features")[start:stop]
+    per = per_sample_vs_reference(fp_images, images, fp_features, features)
+    return {k: torch.from_numpy(per[k]) for k in PAIRED_ROWS if k in per}
 
 
 def merged_metrics(paths: list[str], reference: str, extractor: str, kid_subsets: int, kid_subset_size: int) -> dict:

@@ -56,7 +56,7 @@ def test_quick_profile_differs_only_where_marked():
     assert set(a) == set(b)
     changed = {k for k in a if a[k] != b[k]}
     marked = [ln for ln in quick_text.splitlines() if ln.rstrip().endswith("# quick")]
-    assert len(changed) == len(marked) == 12, changed
+    assert len(changed) == len(marked) == 13, changed
     assert {"eval.out_dir", "quant_out.dir", "calib_data.dir", "report.path"} <= changed  # never the DVC outputs
     assert quick["grid"]["models"] == PARAMS["grid"]["models"]  # every family, fewer settings
 
@@ -110,6 +110,9 @@ def test_unknown_key_is_named(tmp_path, path, bad_key, value):
         (("quant", "method"), "gptq", "method"),
         (("grid", "bits"), ["W4A8", "W4"], "grid.bits"),
         (("data", "check_counts"), "yes", "data.check_counts"),
+        (("scale_out", "shards"), 0, "scale_out.shards=0: expected an integer >= 1"),
+        (("scale_out", "workers"), 0, "scale_out.workers=0"),
+        (("scale_out", "address"), "localhost", "scale_out.address='localhost': expected a Dask scheduler address"),
         (("studies", "settings", "brecq-W4A8", "method"), "gptq", "studies.settings.brecq-W4A8.method"),
         (("studies", "settings", "brecq-W4A8", "bits"), "W4", "studies.settings.brecq-W4A8.bits"),
         (("studies", "settings", "tfmq-W4A6", "quant"), {"fsc_scope": "half"}, "studies.settings.tfmq-W4A6.quant"),

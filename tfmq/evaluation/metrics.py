@@ -95,7 +95,7 @@ def compute_metrics(
         raise ValueError(f"unknown metrics {bad}; expected a subset of {ALL_METRICS}")
     _check_images(fake_uint8)
     weights_path = weights_path or ref.meta.get("weights_path")
-    ext, is_inception = spec.name, not spec.name.startswith("efficientnet")
+    ext = spec.name
     layers = []
     if "fid" in wanted or "kid" in wanted:
         layers.append(spec.fid_feature)
@@ -106,16 +106,46 @@ def compute_metrics(
     t0 = time.perf_counter()
     feats = extract_features(fake_uint8, ext, layers, weights_path, batch_size, device, progress)
     seconds = {"features": time.perf_counter() - t0}
-    n_fake, n_ref = int(fake_uint8.shape[0]), int(ref.meta["n"])
+    return score_features(feats, ref, int(fake_uint8.shape[0]), wanted, num_bootstrap, bootstrap_seed, kid_subsets,
+                          kid_subset_size, is_splits, progress, return_features, seconds)
+
+
+def score_features(
+    feats: dict[str, torch.Tensor],
+    ref: ReferenceStats,
+    n_fake: int,
+    wanted: Iterable[str] = ALL_METRICS,
+    num_bootstrap: int = DEFAULT_NUM_BOOTSTRAP,
+    bootstrap_seed: int = 0,
+    kid_subsets: int = DEFAULT_KID_SUBSETS,
+    kid_subset_size: int = DEFAULT_KID_SUBSET_SIZE,
+    is_splits: int = 10,
+    progress: bool = False,
+    return_features: bool = False,
+    seconds: dict[str, float] | None = None,
+    frechet: dict[str, tuple[float, int]] | None = None,
+) -> dict:
+    """The scores of ``compute_metrics`` from already extracted features (layer -> [N, D]); the same dict.
+
+    ``frechet``: layer -> (Fréchet distance, dims) computed elsewhere (``tfmq.evaluation.shards``: from
+    merged moments, whose layer has no per-sample rows here); other layers are scored from ``feats``.
+    """
+    spec, ext = ref.spec, ref.spec.name
+    is_inception = not ext.startswith("efficientnet")
+    wanted, frechet, seconds = list(wanted), frechet or {}, dict(seconds or {})
+    n_ref = int(ref.meta["n"])
     values, details = {}, {}
+
+    def fd(layer: str) -> tuple[float, int]:
+        return frechet[layer] if layer in frechet else (ref.fid(feats[layer], layer), int(feats[layer].shape[1]))
 
     if "fid" in wanted:
         t0 = time.perf_counter()
-        f = ref.fid(feats[spec.fid_feature], spec.fid_feature)
+        f, dims = fd(spec.fid_feature)
         seconds["fid"] = time.perf_counter() - t0
         values[f"fid/{ext}"] = f
         details["fid"] = {"value": f, "label": f"FID ({spec.label})", "feature": spec.fid_feature,
-                          "dims": int(feats[spec.fid_feature].shape[1]), "seconds": seconds["fid"], "method": FD_METHOD}
+                          "dims": dims, "seconds": seconds["fid"], "method": FD_METHOD}
         if num_bootstrap:
             t0 = time.perf_counter()
             bs = bootstrap_fid(feats[spec.fid_feature], ref.mu[spec.fid_feature], ref.sigma[spec.fid_feature],
@@ -127,13 +157,12 @@ def compute_metrics(
             values[f"fid_ci95_low/{ext}"], values[f"fid_ci95_high/{ext}"] = bs["ci"]
     if "sfid" in wanted:
         t0 = time.perf_counter()
-        f = ref.fid(feats[spec.spatial_feature], spec.spatial_feature)
+        f, dims = fd(spec.spatial_feature)
         seconds["sfid"] = time.perf_counter() - t0
         key = "sfid" if is_inception else "sfid_proxy"
         values[f"{key}/{ext}"] = f
         details["sfid"] = {"value": f, "label": spec.spatial_label, "key": key, "feature": spec.spatial_feature,
-                           "dims": int(feats[spec.spatial_feature].shape[1]), "seconds": seconds["sfid"],
-                           "method": FD_METHOD}
+                           "dims": dims, "seconds": seconds["sfid"], "method": FD_METHOD}
     if "kid" in wanted:
         t0 = time.perf_counter()
         k = kid(feats[spec.fid_feature], ref.features[spec.fid_feature], kid_subsets, kid_subset_size)

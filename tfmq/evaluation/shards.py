@@ -88,23 +88,30 @@ class ShardStats:
 
 
 def shard_statistics(features: dict[str, torch.Tensor], start: int, extractor: str, gaussian: Iterable[str],
-                     rows: Iterable[str] = ()) -> ShardStats:
+                     rows: Iterable[str] = (), per_sample: dict[str, torch.Tensor] | None = None) -> ShardStats:
     """``ShardStats`` of samples ``start .. start + N - 1`` from their extracted ``features`` (layer -> [N, D]).
 
     Args:
         gaussian: the layers whose moments are kept (FID and sFID layers).
-        rows: the layers kept per sample (the FID layer for KID / bootstrap, the logits for IS).
+        rows: the layers kept per sample (the FID layer for KID / bootstrap, the logits for IS), as float32.
+        per_sample: other per-sample rows kept as they are (dtype included), under their own names: the
+            images for grids and paired files, class labels, the domain classifier's logits, the paired
+            metrics against the FP samples.
     """
-    gaussian, rows = list(gaussian), list(rows)
+    gaussian, rows, per_sample = list(gaussian), list(rows), dict(per_sample or {})
     missing = sorted(set(gaussian + rows) - set(features))
     if missing:
         raise ShardError(f"features of layer(s) {missing} missing; extracted: {sorted(features)}")
-    n = {int(features[k].shape[0]) for k in gaussian + rows}
+    clash = sorted(set(rows) & set(per_sample))
+    if clash:
+        raise ShardError(f"per-sample row name(s) {clash} are also feature layers; expected distinct names")
+    n = {int(features[k].shape[0]) for k in gaussian + rows} | {int(v.shape[0]) for v in per_sample.values()}
     if len(n) != 1:
-        raise ShardError(f"feature layers disagree on the sample count: {sorted(n)}")
+        raise ShardError(f"feature layers / per-sample rows disagree on the sample count: {sorted(n)}")
     count = n.pop()
-    return ShardStats(int(start), int(start) + count, extractor, {k: Moments.of(features[k]) for k in gaussian},
-                      {k: features[k].detach().float().cpu().contiguous() for k in rows})
+    kept = {k: features[k].detach().float().cpu().contiguous() for k in rows}
+    kept.update({k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in per_sample.items()})
+    return ShardStats(int(start), int(start) + count, extractor, {k: Moments.of(features[k]) for k in gaussian}, kept)
 
 
 def save_shard(stats: ShardStats, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -218,3 +225,28 @@ def metrics_from_shards(merged: ShardStats, reference, fid_layer: str, spatial_l
         s = inception_score_from_logits(merged.rows[logits_layer], splits=is_splits)
         out["is"], out["is_std"] = s["mean"], s["std"]
     return out
+
+
+def scores_from_shards(merged: ShardStats, reference, metrics: Iterable[str] = ("fid", "sfid", "kid", "is"),
+                       num_bootstrap: int = 0, bootstrap_seed: int = 0, kid_subsets: int = DEFAULT_KID_SUBSETS,
+                       kid_subset_size: int = DEFAULT_KID_SUBSET_SIZE, is_splits: int = 10,
+                       progress: bool = False) -> dict:
+    """``compute_metrics``'s whole result (values, details, reference, ...) from merged shards.
+
+    A layer kept per sample (the FID layer: KID and the bootstrap need its rows) is scored from its
+    rows exactly as ``compute_metrics`` scores them, so its numbers do not depend on the shard count
+    at all; a layer kept only as moments (sFID) is scored by ``frechet_from_moments``, equal to the
+    unsharded value to float64 round-off of the merge.
+    """
+    from .extractors import get_extractor_spec
+    from .metrics import score_features
+
+    if get_extractor_spec(reference.meta.get("extractor")).name != get_extractor_spec(merged.extractor).name:
+        raise ShardError(f"shards of extractor {merged.extractor!r} against a reference of {reference.meta.get('extractor')!r}")
+    frechet = {}
+    for layer, m in merged.moments.items():
+        if layer not in merged.rows:
+            frechet[layer] = (frechet_from_moments(m, reference.mu[layer], reference.sigma_sqrt(layer),
+                                                   float(np.trace(reference.sigma[layer]))), int(m.mean.shape[0]))
+    return score_features(merged.rows, reference, merged.n, metrics, num_bootstrap, bootstrap_seed, kid_subsets,
+                          kid_subset_size, is_splits, progress, frechet=frechet)
