@@ -206,10 +206,24 @@ def _validate_tfmq(argv):
 def _validate_dvc(argv):
     from dvc.cli import parse_args
 
+    from flows.params import load_params
+
     args = parse_args(argv[1:])
-    for kv in getattr(args, "set_param", None) or []:
-        key = kv.split("=", 1)[0]
-        assert _has_key(_params(), key), f"-S {key}: no such key in params.yaml"
+    sets = getattr(args, "set_param", None) or []
+    params = _params()
+    for kv in sets:
+        key, value = kv.split("=", 1)
+        assert _has_key(params, key), f"-S {key}: no such key in params.yaml"
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)  # as dvc writes it
+    if sets:  # the experiment's params.yaml passes the same strict validation as the committed one
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "params.yaml"
+            path.write_text(yaml.safe_dump(params, sort_keys=False))
+            load_params(path)
     for target in getattr(args, "targets", None) or []:
         assert target in _stages(), f"dvc target {target!r} is not a stage of dvc.yaml"
 
