@@ -68,8 +68,22 @@ def fp_model(params: Params, model: str | None = None) -> None:
 
 
 def calib_set(params: Params, setting: Setting | None = None) -> None:
-    path = setting.calib_dir if setting is not None else str(Path(params.calib_data.dir) / params.model.name)
-    _need_dir("calib_data.dir", path, "run `tfmq calib-data --model <model>` (dvc repro calib_data) first")
+    """The setting's calibration set exists, was recorded with the run's sampler (name, steps, eta, guidance)
+    for a UNet of this model's input shape and conditioning, and holds only finite rows."""
+    from tfmq.diffusion.calibration import CalibrationSet, CalibrationSetError, verify_calibration_set
+
+    model = setting.model if setting is not None and setting.model else params.model.name
+    path = setting.calib_dir if setting is not None else str(Path(params.calib_data.dir) / model)
+    _need_dir("calib_data.dir", path, f"run `tfmq calib-data --model {model}` (dvc repro calib_data) first")
+    try:
+        calib = CalibrationSet(path)
+        unet_config = json.loads((Path(params.model.root) / model / "unet" / "config.json").read_text())
+        s = params.sampler
+        verify_calibration_set(calib, s.name, s.num_inference_steps, s.eta, s.guidance_scale, unet_config)
+    except (OSError, ValueError, KeyError) as e:  # CalibrationSetError is a ValueError
+        kind = "" if isinstance(e, CalibrationSetError) else "unreadable: "
+        raise InputError(f"calib_data.dir={path!r}: {kind}{' '.join(str(e).split())}; re-record it: "
+                         f"delete {path}, then `tfmq calib-data --model {model}` (dvc repro calib_data)") from None
 
 
 def extractor_weights(params: Params) -> None:

@@ -207,12 +207,15 @@ def main(argv: list[str] | None = None) -> int:
 
     _MARKS["stages"] = time.time()
 
+    from flows.locks import WRITING_COMMANDS, BusyError, writer_locks
+
     PLAIN.set(bool(args.no_prefect))
     configure_torch()
     t0 = time.time()
     try:
-        result = _dispatch(args, params, settings)
-    except errors as e:  # e.g. a checkpoint that fails tfmq.load's model check
+        with writer_locks(settings if args.command in WRITING_COMMANDS else [], args.command):
+            result = _dispatch(args, params, settings)
+    except (*errors, BusyError) as e:  # another writer of a setting; a checkpoint that fails tfmq.load's model check
         return _error(e)
     finally:
         _log_timing(args, time.time() - t0)

@@ -6,7 +6,8 @@ ranges (section 5); the baselines run their own recipe through the same three st
 recipe lacks is a recorded no-op). Each task loads the FP model plus the previous stage's
 checkpoint, calls ONE ``tfmq`` stage function and saves a checkpoint, so any stage can be re-run
 alone and an interrupted stage never leaves a half-written checkpoint (``tfmq.save`` is atomic). BRECQ
-files each finished unit under ``quant/<name>/blocks.partial/``; a re-run after a crash continues from there.
+files each finished unit under ``quant/<model>/.<name>.partial/blocks/``; a re-run after a crash (also by ``dvc repro``,
+which deletes ``quant/<model>/<name>/`` first) continues from there.
 The tasks take the run's ``tasks.setting.Setting`` (its ``QuantConfig``, built once, and its paths).
 
 Shared weight stages (``quant_out.shared_weights``, docs/method.md section 12): stages 1 and 2 are
@@ -55,13 +56,24 @@ RESUMABLE = {"recon_blocks"}  # stages whose tfmq function takes resume_dir= (fi
 
 
 def progress_dir(setting: Setting, stage: str) -> Path:
-    """``quant/<name>/<stage output>.partial/``: the resumable stage's progress until its output is saved."""
-    return Path(setting.quant_dir) / f"{STAGE_FILES[stage]}.partial"
+    """``quant/<model>/.<name>.partial/<stage output>/``: the resumable stage's progress until its output is
+    saved. It sits beside the setting's directory, not in it, because ``dvc repro`` deletes a stage's
+    outputs before it runs the command: a killed stage re-run by DVC finds its finished units there."""
+    q = Path(setting.quant_dir)
+    return q.parent / f".{q.name}.partial" / STAGE_FILES[stage]
+
+
+def _drop_progress(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        path.parent.rmdir()  # the setting's .partial dir, once no stage has progress left there
+    except OSError:
+        pass
 
 
 def _run_stage(stage: str, fn_name: str, setting: Setting, calib_dir: str, previous: str | None) -> str:
-    import shutil
-
     import tfmq
     from tfmq.diffusion.calibration import CalibrationSet
 
@@ -75,7 +87,7 @@ def _run_stage(stage: str, fn_name: str, setting: Setting, calib_dir: str, previ
     out = qdir / STAGE_FILES[stage]
     tfmq.save(unet, out, extra_metadata={"pipeline_stage": stage})  # temp dir + one rename
     if kwargs:
-        shutil.rmtree(kwargs["resume_dir"], ignore_errors=True)  # only once the finished output is in place
+        _drop_progress(kwargs["resume_dir"])  # only once the finished output is in place
     _record(qdir, stage, times[stage], stats)
     logger().info("%s %s: %.1f s -> %s", stage, setting.name, times[stage], out)
     return str(out)

@@ -111,3 +111,14 @@ def table_rows(text: str, heading: str) -> list[list[str]]:
         if ln.startswith("| ") and not ln.startswith("| Method"):
             out.append([c.strip() for c in ln.split("|")[1:-1]])
     return out
+
+
+def params_file(tmp_path: Path, **changes: Any) -> str:
+    """The repo's params.yaml with ``section__key=value`` changes, written to ``<tmp>/params.yaml``."""
+    d = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    for key, value in changes.items():
+        section, name = key.split("__")
+        d[section][name] = value
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return str(p)

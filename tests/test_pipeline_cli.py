@@ -5,7 +5,6 @@ subprocess test checks the real process (exit code, stderr) and that loading a m
 """
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -15,19 +14,13 @@ import pytest
 import yaml
 
 from flows.cli import main
-from pipeline_fixtures import REPO, subprocess_env
+from pipeline_fixtures import REPO, params_file, subprocess_env
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def _cfg(tmp_path: Path, **changes) -> str:
-    d = copy.deepcopy(PARAMS)
-    for key, value in changes.items():
-        section, name = key.split("__")
-        d[section][name] = value
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump(d, sort_keys=False))
-    return str(p)
+    return params_file(tmp_path, **changes)
 
 
 def _fake_fp_dir(tmp_path: Path) -> dict:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tfmq.io import atomic_dir, atomic_save_safetensors, atomic_write_json
-from tfmq.diffusion.sampling import sample
+from tfmq.diffusion.sampling import make_scheduler, sample
 
 FORMAT = "tfmq-calibration-v1"
 UNET_KWARGS = ("sample", "timestep", "class_labels", "encoder_hidden_states")
@@ -68,6 +68,67 @@ class CalibrationSet:
     def __repr__(self) -> str:
         return (f"CalibrationSet({str(self.path)!r}, steps={self.num_steps}, rows_per_step={self.rows_per_step}, "
                 f"conditioning={self.meta['conditioning']!r})")
+
+
+class CalibrationSetError(ValueError):
+    """A calibration set that does not fit the run (another sampler, step count, model) or holds NaN/Inf rows."""
+
+
+def verify_calibration_set(
+    calib: CalibrationSet,
+    sampler: str | None = None,
+    num_inference_steps: int | None = None,
+    eta: float | None = None,
+    guidance_scale: float | None = None,
+    unet_config: dict[str, Any] | None = None,
+    scan: bool = True,
+) -> None:
+    """Raise :class:`CalibrationSetError` (one line: what differs, what was expected) when ``calib`` was
+    recorded with another sampler / step count / eta / guidance scale than the run's, for a UNet of
+    another input shape or conditioning than ``unet_config`` (a diffusers UNet ``config.json`` dict), or,
+    with ``scan``, when any stored row is NaN or Inf (every step file is read once, tensor by tensor).
+
+    Arguments left ``None`` are not checked. ``eta`` is compared for DDIM only and ``guidance_scale``
+    only for a guided (CFG) set: an unguided set records the scale it ignored.
+    """
+    m = calib.meta
+    where = f"calibration set {calib.path}"
+    if sampler is not None:
+        expected = type(make_scheduler(sampler, m["scheduler_config"])).__name__
+        if m.get("scheduler_class") != expected:
+            raise CalibrationSetError(f"{where} was recorded with {m.get('scheduler_class')}, the run samples with "
+                                      f"{sampler!r} ({expected})")
+    if num_inference_steps is not None and int(m.get("num_inference_steps", -1)) != int(num_inference_steps):
+        raise CalibrationSetError(f"{where} was recorded with {m.get('num_inference_steps')} sampler steps, the run "
+                                  f"samples {num_inference_steps}")
+    if eta is not None and m.get("scheduler_class") == "DDIMScheduler" and float(m.get("eta", 0.0)) != float(eta):
+        raise CalibrationSetError(f"{where} was recorded at DDIM eta {m.get('eta')}, the run samples at eta {eta}")
+    if guidance_scale is not None and calib.cfg and float(m.get("guidance_scale", 1.0)) != float(guidance_scale):
+        raise CalibrationSetError(f"{where} was recorded at guidance scale {m.get('guidance_scale')}, the run "
+                                  f"samples at {guidance_scale}")
+    if unet_config is not None:
+        want = "text" if unet_config.get("cross_attention_dim") and unet_config.get("_class_name") == "UNet2DConditionModel" \
+            else "class" if unet_config.get("num_class_embeds") else "none"
+        if m.get("conditioning") != want:
+            raise CalibrationSetError(f"{where} holds {m.get('conditioning')!r}-conditioned rows, the model is "
+                                      f"{want!r}-conditioned: it was recorded for another model")
+        first = calib.load_step(0)["sample"]
+        size = unet_config.get("sample_size")
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        shape = (unet_config.get("in_channels"), *size)
+        if tuple(first.shape[1:]) != shape:
+            raise CalibrationSetError(f"{where} holds rows of shape {tuple(first.shape[1:])}, the model's UNet takes "
+                                      f"{shape}: it was recorded for another model")
+    if scan:
+        for i in range(calib.num_steps):
+            for key, v in calib.load_step(i).items():
+                if v.is_floating_point():
+                    bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1) if v.ndim else ~torch.isfinite(v)
+                    if bad.any():
+                        rows = bad.nonzero().reshape(-1).tolist()
+                        raise CalibrationSetError(f"{where}: step {i} (t={calib.timesteps[i]}) {key!r} has "
+                                                  f"{len(rows)} NaN/Inf row(s) (first: row {rows[0]}); expected "
+                                                  "finite rows: re-record it from a finite FP model")
 
 
 class _UNetInputRecorder:
