@@ -40,7 +40,7 @@ from tfmq.diffusion.models import load_fp_model  # noqa: E402
 from tfmq.diffusion.sampling import make_scheduler, sample  # noqa: E402
 from tfmq.quant.prepare import quant_layers, set_quant_state  # noqa: E402
 from tfmq.quant.reconstruction import (  # noqa: E402
-    _main_output, _take, capture_unit_io, discover_units, lp_loss, optimize_rows, rounding_regularizer,
+    _main_output, capture_unit_io, discover_units, lp_loss, optimize_rows, rounding_regularizer, unit_step,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +72,10 @@ def bench_loop(unet, calib, cfg: tfmq.QuantConfig, iters: int, device) -> tuple[
     layers = unit.layers()
     set_quant_state(q, weight=False, act=False)
     _, target = capture_unit_io(q, unit.module, data, 64, device, False, True)
-    (args, kwargs), _ = capture_unit_io(q, unit.module, data, 64, device, True, False)
+    inputs, _ = capture_unit_io(q, unit.module, data, 64, device, True, False)
     bs = cfg.recon.batch_size
     fixed = torch.arange(bs)
-    a_fixed, k_fixed, t_fixed = _take(args, fixed, n), _take(kwargs, fixed, n), target[fixed]
+    (a_fixed, k_fixed), t_fixed = inputs.take(fixed, device), target.take(fixed, device)
 
     def fwd(a, k):
         return _main_output(unit.module(*a, **k))
@@ -106,8 +106,7 @@ def bench_loop(unet, calib, cfg: tfmq.QuantConfig, iters: int, device) -> tuple[
                 torch.autograd.grad(loss, params, allow_unused=True)
         return step
 
-    def step_fn(idx):
-        return lp_loss(fwd(_take(args, idx, n), _take(kwargs, idx, n)), target[idx])
+    step_fn = unit_step(unit.module, inputs, target, device)
 
     r = max(10, iters // 5)
     t_bare = _timeit(lambda: [bare() for _ in range(r)], 3) / r

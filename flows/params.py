@@ -100,6 +100,17 @@ class CalibData(Section):
 class QuantOut(Section):
     dir: str
     shared_weights: str | None = None  # weight-stage store (relative: under the repo root); null: every setting computes its own
+    # the most MiB one reconstruction unit's cached inputs + targets hold in memory (more goes to files beside
+    # the setting's progress); null: all in memory. Not a stage dependency: it changes no number.
+    memory_budget_mb: float | None = None
+
+    @field_validator("memory_budget_mb")
+    @classmethod
+    def _budget(cls, v: float | None) -> float | None:
+        if v is not None and not v >= 0:
+            raise ValueError(f"quant_out.memory_budget_mb={v!r}: expected a number of MiB >= 0, or null (all in memory); "
+                             f"fix it in {_FILE}")
+        return v
 
 
 class Reference(Section):

@@ -35,9 +35,15 @@ from tasks.common import logger, pipeline_task
 
 @flow(name="quantize-and-evaluate", flow_run_name="{setting.model}-{setting.name}", **_OBJECTS)
 def quantize_and_evaluate(setting: Setting, params: Params) -> str:
-    """Quantize one setting and evaluate it; returns its metrics.json path."""
-    run_flow(quantize_flow, setting, params)
-    return run_flow(evaluate_flow, setting, params)
+    """Quantize one setting and evaluate it; returns its metrics.json path. The quantize stages' finished
+    units are kept until the metrics are written: ``dvc repro`` deletes this stage's outputs (the
+    checkpoints too) before re-running a ``run`` killed during evaluation, which then restores them."""
+    from tasks.quantize import drop_progress
+
+    run_flow(quantize_flow, setting, params, keep_progress=True)
+    out = run_flow(evaluate_flow, setting, params)
+    drop_progress(setting)
+    return out
 
 
 def _missing(path: str) -> bool:

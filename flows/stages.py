@@ -112,25 +112,30 @@ def _run_name(kind: str) -> Callable[[], str]:
 
 
 @flow(name="quantize", flow_run_name=_run_name("quantize"), **_OBJECTS)
-def quantize_flow(setting: Setting, params: Params) -> str:
+def quantize_flow(setting: Setting, params: Params, keep_progress: bool = False) -> str:
     """TIAR -> block reconstruction -> activation calibration; returns the final checkpoint path.
 
     With ``quant_out.shared_weights`` set, stages 1-2 are adopted from the weight store when another
-    setting of the same weight key computed them, else computed here and filed there.
+    setting of the same weight key computed them, else computed here and filed there. The stages'
+    finished units are kept (``tasks.quantize.progress_dir``) until the final checkpoint is written, or
+    with ``keep_progress`` until the caller drops them.
     """
     calib = setting.calib_dir
     if not params.quant_out.shared_weights:
         tib = call(quant_tasks.recon_tib, setting, calib)
         blocks = call(quant_tasks.recon_blocks, setting, calib, tib)
-        return call(quant_tasks.calibrate_activations, setting, calib, blocks)
-    with quant_tasks.shared_weight_slot(setting, calib, params.quant_out.shared_weights) as slot:
-        if slot["entry"] is not None:
-            blocks = call(quant_tasks.adopt_weights, setting, slot["entry"], slot["key"])
-        else:
-            tib = call(quant_tasks.recon_tib, setting, calib)
-            blocks = call(quant_tasks.recon_blocks, setting, calib, tib)
-            call(quant_tasks.publish_weights, setting, slot["key"], slot["store"], slot["desc"])
-    return call(quant_tasks.calibrate_activations, setting, calib, blocks)
+    else:
+        with quant_tasks.shared_weight_slot(setting, calib, params.quant_out.shared_weights) as slot:
+            if slot["entry"] is not None:
+                blocks = call(quant_tasks.adopt_weights, setting, slot["entry"], slot["key"])
+            else:
+                tib = call(quant_tasks.recon_tib, setting, calib)
+                blocks = call(quant_tasks.recon_blocks, setting, calib, tib)
+                call(quant_tasks.publish_weights, setting, slot["key"], slot["store"], slot["desc"])
+    out = call(quant_tasks.calibrate_activations, setting, calib, blocks)
+    if not keep_progress:
+        quant_tasks.drop_progress(setting)
+    return out
 
 
 @flow(name="evaluate", flow_run_name=_run_name("evaluate"), **_OBJECTS)

@@ -6,8 +6,9 @@ ranges (section 5); the baselines run their own recipe through the same three st
 recipe lacks is a recorded no-op). Each task loads the FP model plus the previous stage's
 checkpoint, calls ONE ``tfmq`` stage function and saves a checkpoint, so any stage can be re-run
 alone and an interrupted stage never leaves a half-written checkpoint (``tfmq.save`` is atomic). BRECQ
-files each finished unit under ``quant/<model>/.<name>.partial/blocks/``; a re-run after a crash (also by ``dvc repro``,
-which deletes ``quant/<model>/<name>/`` first) continues from there.
+files each finished unit (TIAR, every BRECQ unit, every FSC timestep) under ``quant/<model>/.<name>.partial/``; a
+re-run after a crash (also by ``dvc repro``, which deletes ``quant/<model>/<name>/`` first) continues from
+there. The flow deletes it once the setting's model (for ``run``: its metrics) is written.
 The tasks take the run's ``tasks.setting.Setting`` (its ``QuantConfig``, built once, and its paths).
 
 Shared weight stages (``quant_out.shared_weights``, docs/method.md section 12): stages 1 and 2 are
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,25 +54,20 @@ def _record(quant_dir: Path, stage: str, seconds: float, stats: dict[str, Any], 
     atomic_write_json(doc, path)
 
 
-RESUMABLE = {"recon_blocks"}  # stages whose tfmq function takes resume_dir= (finished units survive a crash)
-
-
-def progress_dir(setting: Setting, stage: str) -> Path:
-    """``quant/<model>/.<name>.partial/<stage output>/``: the resumable stage's progress until its output is
-    saved. It sits beside the setting's directory, not in it, because ``dvc repro`` deletes a stage's
-    outputs before it runs the command: a killed stage re-run by DVC finds its finished units there."""
+def progress_dir(setting: Setting, stage: str | None = None) -> Path:
+    """``quant/<model>/.<name>.partial/[<stage output>/]``: where the stages keep their finished units
+    (TIAR, BRECQ units, FSC timesteps, step-size units) until the setting is done. It sits beside the
+    setting's directory, not in it, because ``dvc repro`` deletes a stage's outputs before it runs the
+    command: a killed stage re-run by DVC finds its finished units there."""
     q = Path(setting.quant_dir)
-    return q.parent / f".{q.name}.partial" / STAGE_FILES[stage]
+    root = q.parent / f".{q.name}.partial"
+    return root if stage is None else root / STAGE_FILES[stage]
 
 
-def _drop_progress(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-    try:
-        path.parent.rmdir()  # the setting's .partial dir, once no stage has progress left there
-    except OSError:
-        pass
+def drop_progress(setting: Setting) -> None:
+    """Delete the setting's progress, once what it leads to (the quantized model, or the evaluated
+    setting for ``run``) is safely written."""
+    shutil.rmtree(progress_dir(setting), ignore_errors=True)
 
 
 def _run_stage(stage: str, fn_name: str, setting: Setting, calib_dir: str, previous: str | None) -> str:
@@ -80,14 +77,22 @@ def _run_stage(stage: str, fn_name: str, setting: Setting, calib_dir: str, previ
     qdir = Path(setting.quant_dir)
     unet = _load_stage_input(setting, previous)
     calib = CalibrationSet(calib_dir)
-    kwargs = {"resume_dir": progress_dir(setting, stage)} if stage in RESUMABLE else {}
     times: dict[str, float] = {}
-    with timed(times, stage), timed(COMPUTE_TIMES, stage):
-        stats = getattr(tfmq, fn_name)(unet, calib, setting.config, device=device(), progress=show_progress(), **kwargs)
+    memory = {}
+    if stage != "recon_tib":  # the unit caches (TIAR has none); a killed run's spill files go first
+        spill = progress_dir(setting) / "spill"
+        shutil.rmtree(spill, ignore_errors=True)
+        spill.mkdir(parents=True)
+        memory = {"memory_budget_mb": setting.memory_budget_mb, "spill_dir": spill}
+    try:
+        with timed(times, stage), timed(COMPUTE_TIMES, stage):
+            stats = getattr(tfmq, fn_name)(unet, calib, setting.config, device=device(), progress=show_progress(),
+                                           resume_dir=progress_dir(setting, stage), **memory)
+    finally:
+        if memory:
+            shutil.rmtree(memory["spill_dir"], ignore_errors=True)
     out = qdir / STAGE_FILES[stage]
     tfmq.save(unet, out, extra_metadata={"pipeline_stage": stage})  # temp dir + one rename
-    if kwargs:
-        _drop_progress(kwargs["resume_dir"])  # only once the finished output is in place
     _record(qdir, stage, times[stage], stats)
     logger().info("%s %s: %.1f s -> %s", stage, setting.name, times[stage], out)
     return str(out)

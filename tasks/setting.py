@@ -47,6 +47,7 @@ class Setting:
     metrics_path: str  # results/metrics/<model>/<name>.json: the DVC metrics file
     config: QuantConfig | None = None
     paired_path: str | None = None  # results/paired/<model>/<name>.safetensors: samples + features for paired comparisons
+    memory_budget_mb: float | None = None  # quant_out.memory_budget_mb: the most MiB one unit's cache holds in memory
 
     @property
     def fp_paired_path(self) -> str | None:
@@ -108,7 +109,7 @@ def quantized_setting(params: "Params", method: str | None = None, bits: str | N
     model = model_name(params, model)
     return Setting(name=name, kind="quantized", method=config.method, bits=config.bits_name,
                    quant_dir=str(Path(params.quant_out.dir) / model / name), config=config,
-                   **_places(params, model, name))
+                   memory_budget_mb=params.quant_out.memory_budget_mb, **_places(params, model, name))
 
 
 def unquantized_setting(params: "Params", kind: str, name: str | None = None, model: str | None = None) -> Setting:

@@ -128,7 +128,7 @@ def verify_calibration_set(
                         rows = bad.nonzero().reshape(-1).tolist()
                         raise CalibrationSetError(f"{where}: step {i} (t={calib.timesteps[i]}) {key!r} has "
                                                   f"{len(rows)} NaN/Inf row(s) (first: row {rows[0]}); expected "
-                                                  "finite rows: re-record it from a finite FP model")
+                                                  "finite rows (a damaged file, or an FP model that diverges)")
 
 
 class _UNetInputRecorder:

@@ -7,6 +7,7 @@ the ablation switches ``tiar``/``fsc`` substitute ``nearest``/``ema``) and calls
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from .methods import tiar_inputs
 from .config import QuantConfig, cap_stage_iters
 from .prepare import enable_inference, get_state, is_quantized, prepare_model, resolve_config, set_quant_state
+from .cache import MemoryPolicy
 from .resume import UnitProgress, stage_identity
 from .steps import StepContext, get_step, resolve_step
 from .tib import TemporalInformationBlock, install_feature_cache
@@ -64,20 +66,27 @@ def _begin(unet: nn.Module, stage: str, config: QuantConfig | None):
     return state
 
 
-def _context(unet: nn.Module, calib, state, stage: str, device, progress: bool) -> tuple[StepContext, dict[str, Any]]:
+def _context(unet: nn.Module, calib, state, stage: str, device, progress: bool, resume_dir=None,
+             memory_budget_mb: float | None = None, spill_dir=None) -> tuple[StepContext, dict[str, Any]]:
     config, capped = cap_stage_iters(state.config, stage)
-    return StepContext(unet, calib, config, state.recipe, _device(unet, device), progress), capped
+    ctx = StepContext(unet, calib, config, state.recipe, _device(unet, device), progress,
+                      memory=MemoryPolicy(memory_budget_mb, None if spill_dir is None else str(spill_dir)))
+    if resume_dir is not None:
+        ctx.resume = UnitProgress(resume_dir, stage_identity(unet, calib, config))
+    return ctx, capped
 
 
-def reconstruct_temporal(unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True) -> dict[str, Any]:
+def reconstruct_temporal(unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True,
+                         resume_dir=None) -> dict[str, Any]:
     """Stage 1: the recipe's ``temporal`` step: TIAR (``tfmq``), round-to-nearest freeze
     (``freeze``/``naive``), or nothing (``joint``: the temporal layers go with their blocks).
 
     Args:
         config: ``None`` (the config stored at ``prepare_model``) or that same config; any other is refused.
+        resume_dir: as for ``reconstruct_blocks``; TIAR is one unit.
     """
     state = _begin(unet, "temporal", config)
-    ctx, capped = _context(unet, calib, state, "temporal", device, progress)
+    ctx, capped = _context(unet, calib, state, "temporal", device, progress, resume_dir)
     mode = resolve_step("temporal", state.recipe, state.config)
     t0 = time.perf_counter()
     stats = get_step("temporal", mode)(ctx)
@@ -91,22 +100,25 @@ def reconstruct_temporal(unet: nn.Module, calib, config: QuantConfig | None = No
 
 
 def reconstruct_blocks(
-    unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True, resume_dir=None
+    unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True, resume_dir=None,
+    memory_budget_mb: float | None = None, spill_dir=None,
 ) -> dict[str, Any]:
     """Stage 2: the recipe's ``block_recon`` step on every remaining unit (BRECQ, or round-to-nearest);
     the TIB layers stay as stage 1 left them. ``config``: as for ``reconstruct_temporal``.
 
     Args:
-        resume_dir: ``None`` (default: nothing is read or written) or a directory where BRECQ files
-            every finished unit. A re-run with the same FP model, stage-1 state, calibration set and
-            config restores those units and continues with the next one, ending bit-identical to an
-            uninterrupted run; progress written for anything else is discarded (one log line). The
-            directory is left in place: delete it once the stage's output is saved.
+        resume_dir: ``None`` (default: nothing is read or written) or a directory where the stage files
+            every finished unit (here every BRECQ block or layer). A re-run with the same FP model, entering
+            state, calibration set and config restores those units and continues with the next one, ending
+            bit-identical to an uninterrupted run; progress written for anything else is discarded (one log
+            line). The directory is left in place: delete it once the stage's output is saved.
+        memory_budget_mb: ``None`` (default: every unit's cached inputs and targets in memory, on the CPU)
+            or the most MiB one unit's cache may hold in memory; a larger one is written to files in
+            ``spill_dir`` (default: the system temp dir) as it is captured and read back per mini-batch.
+            Either way each mini-batch is moved to ``device`` when it is used, and the result is the same.
     """
     state = _begin(unet, "blocks", config)
-    ctx, capped = _context(unet, calib, state, "blocks", device, progress)
-    if resume_dir is not None:
-        ctx.resume = UnitProgress(resume_dir, stage_identity(unet, calib, ctx.config))
+    ctx, capped = _context(unet, calib, state, "blocks", device, progress, resume_dir, memory_budget_mb, spill_dir)
     t0 = time.perf_counter()
     stats = get_step("block_recon", resolve_step("block_recon", state.recipe, state.config))(ctx)
     stats["seconds"] = time.perf_counter() - t0
@@ -117,12 +129,20 @@ def reconstruct_blocks(
     return stats
 
 
-def calibrate_activations(unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True) -> dict[str, Any]:
+def calibrate_activations(unet: nn.Module, calib, config: QuantConfig | None = None, device=None, progress: bool = True,
+                          resume_dir=None, memory_budget_mb: float | None = None, spill_dir=None) -> dict[str, Any]:
     """Stage 3: the recipe's ``activations`` step (FSC / shared EMA / min-max / Q-Diffusion learned steps),
-    then the feature cache if configured. ``config``: as for ``reconstruct_temporal``."""
+    then the feature cache if configured. ``config``: as for ``reconstruct_temporal``.
+
+    Args:
+        resume_dir: as for ``reconstruct_blocks``; the units are the FSC timesteps, or the units of
+            Q-Diffusion's step-size learning.
+        memory_budget_mb, spill_dir: as for ``reconstruct_blocks`` (the caches of the step-size learning);
+            FSC reads one calibration step at a time.
+    """
     state = _begin(unet, "activations", config)
     cfg = state.config
-    ctx, capped = _context(unet, calib, state, "activations", device, progress)
+    ctx, capped = _context(unet, calib, state, "activations", device, progress, resume_dir, memory_budget_mb, spill_dir)
     t0 = time.perf_counter()
     mode = resolve_step("activations", state.recipe, cfg)
     stats: dict[str, Any] = {"mode": mode}
@@ -146,7 +166,8 @@ def calibrate_activations(unet: nn.Module, calib, config: QuantConfig | None = N
     return stats
 
 
-def quantize(unet: nn.Module, calib, config: QuantConfig, device=None, progress: bool = True) -> nn.Module:
+def quantize(unet: nn.Module, calib, config: QuantConfig, device=None, progress: bool = True, resume_dir=None,
+             memory_budget_mb: float | None = None, spill_dir=None) -> nn.Module:
     """Quantize ``unet`` in place with ``config.method`` and return it, ready for sampling.
 
     Args:
@@ -154,6 +175,10 @@ def quantize(unet: nn.Module, calib, config: QuantConfig, device=None, progress:
         calib: a ``tfmq.CalibrationSet`` recorded along the sampler's trajectories.
         config: ``tfmq.QuantConfig``. If ``unet`` is already prepared (e.g. loaded from a checkpoint
             after some stages), the remaining stages run and ``config`` must equal the stored one.
+        resume_dir: ``None`` or a directory; each stage keeps its progress in a subdirectory of it
+            (``temporal/``, ``blocks/``, ``activations/``; see ``reconstruct_blocks``), so a call killed
+            half-way and made again continues where it stopped. Delete it once the model is saved.
+        memory_budget_mb, spill_dir: see ``reconstruct_blocks``.
 
     Example:
         >>> calib = tfmq.capture_calibration_data(unet, scheduler, "calib/", num_samples=64, num_inference_steps=50)
@@ -167,7 +192,9 @@ def quantize(unet: nn.Module, calib, config: QuantConfig, device=None, progress:
     state = get_state(unet)
     for stage, fn in (("temporal", reconstruct_temporal), ("blocks", reconstruct_blocks), ("activations", calibrate_activations)):
         if stage not in state.stages_done:
-            fn(unet, calib, config, dev, progress)  # an already-prepared model must match config
+            kw = {} if stage == "temporal" else {"memory_budget_mb": memory_budget_mb, "spill_dir": spill_dir}
+            sub = None if resume_dir is None else Path(resume_dir) / stage
+            fn(unet, calib, config, dev, progress, resume_dir=sub, **kw)  # an already-prepared model must match config
     return unet
 
 
@@ -187,3 +214,4 @@ def quant_summary(unet: nn.Module) -> dict[str, Any]:
         "stages_done": list(state.stages_done),
         "simulated": True,
     }
+

@@ -65,19 +65,51 @@ def finite_set_calibration(
     device=None,
     seed: int = 0,
     progress: bool = True,
+    resume=None,
 ) -> dict[str, Any]:
-    """Per-timestep EMA min-max tables for ``quantizers``; ``steps`` = [(t, rows of that step)]."""
+    """Per-timestep EMA min-max tables for ``quantizers``; ``steps`` = [(t, rows of that step)], the rows as
+    a dict or a zero-argument callable returning it (read when FSC gets to that step: one step in memory).
+
+    ``resume``: a ``tfmq.quant.resume.UnitProgress``: every finished timestep's entries (and the state of
+    the batch-order generator) are filed there; timesteps it already holds for the same model state,
+    rows and settings are restored, not re-run. ``None`` (default): nothing is read or written.
+    """
     t0 = time.perf_counter()
     # a timestep the sampler visits twice (PLMS warm-up) gets one entry fitted on both steps' rows
-    merged: dict[int, Batch] = {}
+    merged: dict[int, list] = {}
     for t, rows in steps:
-        t = int(t)
-        merged[t] = rows if t not in merged else {k: torch.cat([merged[t][k], v]) for k, v in rows.items()}
+        merged.setdefault(int(t), []).append(rows)
+
+    def load(t: int) -> Batch:
+        parts = [r() if callable(r) else r for r in merged[t]]
+        return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    names = {id(q): name for name, q in act_quantizers(unet)}
+    done: dict[int, dict[str, Any]] = {}
+    if resume is not None:
+        from .resume import model_state_digest, tensor_digest
+
+        done = {int(r["index"]): r for r in resume.open({
+            "entering_state": model_state_digest(unet),
+            "rows": [[t, tensor_digest(load(t))] for t in merged],  # read once more, one step at a time
+            "quantizers": [names[id(q)] for q in quantizers],
+            "momentum": momentum, "batch_size": batch_size, "seed": seed,
+        })}
+    last_done = max(done, default=-1)
     set_quant_state(unet, weight=True, act=False)
     _enable_only(unet, quantizers)
     gen = torch.Generator().manual_seed(seed)
+    rows_per_step = 0
     with torch.no_grad():
-        for t, rows in tqdm(list(merged.items()), desc="FSC timesteps", disable=not progress):
+        for i, t in enumerate(tqdm(list(merged), desc="FSC timesteps", disable=not progress)):
+            if i in done:  # the entries this timestep committed, and the generator as it left it
+                _, _, entries = resume.restore(done[i], last=i == last_done, generator=gen)
+                for q in quantizers:
+                    if names[id(q)] in entries:
+                        q.restore_timestep_entry(t, entries[names[id(q)]])
+                continue
+            rows = load(t)
+            rows_per_step = rows_per_step or num_rows(rows)
             for q in quantizers:
                 q.start_observing(momentum)
             order = torch.randperm(num_rows(rows), generator=gen)
@@ -85,13 +117,17 @@ def finite_set_calibration(
                 unet(**b)
             for q in quantizers:
                 q.commit_timestep(int(t))
+            if resume is not None:
+                entries = {names[id(q)]: list(q.timestep_entry(t)) for q in quantizers if q.timestep_entry(t) is not None}
+                resume.record(i, f"t={t}", {"timestep": int(t)}, meta=entries, generator=gen)
     for q in quantizers:
         q.commit_table()
     return {
         "quantizers": len(quantizers),
         "timesteps": list(merged),
-        "rows_per_step": num_rows(steps[0][1]) if steps else 0,
+        "rows_per_step": rows_per_step or (num_rows(load(next(iter(merged)))) if merged else 0),
         "momentum": momentum,
         "batch_size": batch_size,
         "seconds": time.perf_counter() - t0,
+        **({"resumed_timesteps": resume.restored} if resume is not None else {}),
     }

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .cache import MemoryPolicy
 from .config import ConfigError, QuantConfig
 from .fsc import calibrate_shared_ranges, finite_set_calibration, temporal_act_quantizers
 from .prepare import act_quantizers
@@ -85,7 +86,7 @@ def temporal_tiar(ctx: StepContext) -> dict[str, Any]:
     cfg = ctx.config
     k = cfg.calib.every_k if cfg.tiar_timesteps == "weight_set" else 1
     t, c = tiar_inputs(ctx.calib, k)
-    return tiar(ctx.unet, t, c, cfg.tiar_recon, cfg.recon, ctx.device, ctx.progress, seed=cfg.seed)
+    return tiar(ctx.unet, t, c, cfg.tiar_recon, cfg.recon, ctx.device, ctx.progress, seed=cfg.seed, resume=ctx.resume)
 
 
 @register_step("temporal", "nearest")
@@ -104,7 +105,7 @@ def blocks_brecq(ctx: StepContext) -> dict[str, Any]:
     cfg = ctx.config
     data = ctx.weight_rows()
     stats = reconstruct_units(ctx.unet, data, cfg.recon, ctx.device, progress=ctx.progress, seed=cfg.seed,
-                              resume=ctx.resume)
+                              resume=ctx.resume, memory=ctx.memory or MemoryPolicy())
     stats["weight_set"] = ctx.recipe.weight_set
     stats["timesteps_used"] = sorted(set(int(v) for v in data["timestep"].tolist()))
     return stats
@@ -116,15 +117,15 @@ def blocks_nearest(ctx: StepContext) -> dict[str, Any]:
 
 
 # --- activations --------------------------------------------------------------------------------
-def _fsc_steps(calib, n_per_step: int | None) -> list[tuple[int, dict[str, torch.Tensor]]]:
+def _fsc_steps(calib, n_per_step: int | None) -> list[tuple[int, Any]]:
+    """``[(t, loader)]``: each step's rows are read when FSC gets to that step, not all at once."""
     from ..diffusion import calibration as cd
 
-    out = []
-    for i, t in enumerate(calib.timesteps):
-        # select_steps keeps null/conditional pairs together when rows are subsampled (CFG)
-        rows = calib.load_step(i) if n_per_step is None else cd.select_steps(calib, [i], n_per_step)
-        out.append((int(t), rows))
-    return out
+    # select_steps keeps null/conditional pairs together when rows are subsampled (CFG)
+    def loader(i: int):
+        return (lambda: calib.load_step(i)) if n_per_step is None else (lambda: cd.select_steps(calib, [i], n_per_step))
+
+    return [(int(t), loader(i)) for i, t in enumerate(calib.timesteps)]
 
 
 def _shared(ctx: StepContext, momentum: float | None) -> dict[str, Any]:
@@ -152,7 +153,8 @@ def activations_learned(ctx: StepContext) -> dict[str, Any]:
     cfg = ctx.config
     stats = {"shared": _shared(ctx, cfg.calib.fsc_momentum)}
     data = ctx.weight_rows()
-    stats["learned"] = learn_activation_steps(ctx.unet, data, cfg.act_recon, ctx.device, progress=ctx.progress, seed=cfg.seed)
+    stats["learned"] = learn_activation_steps(ctx.unet, data, cfg.act_recon, ctx.device, progress=ctx.progress, seed=cfg.seed,
+                                              resume=ctx.resume, memory=ctx.memory or MemoryPolicy())
     return stats
 
 
@@ -166,7 +168,8 @@ def activations_fsc(ctx: StepContext) -> dict[str, Any]:
     steps = _fsc_steps(ctx.calib, c.fsc_n_per_step)
     table_q = everything if cfg.fsc_scope == "all" else temporal_act_quantizers(unet)
     stats: dict[str, Any] = {
-        "fsc": finite_set_calibration(unet, steps, table_q, c.fsc_batch_size, c.fsc_momentum, ctx.device, cfg.seed, ctx.progress)
+        "fsc": finite_set_calibration(unet, steps, table_q, c.fsc_batch_size, c.fsc_momentum, ctx.device, cfg.seed, ctx.progress,
+                                      resume=ctx.resume)
     }
     rest = [q for q in everything if q.mode == "uncalibrated"]
     if rest:

@@ -341,6 +341,14 @@ class ActQuantizer(nn.Module):
             self._pending[int(t)] = (float(s), float(z))
         self.running_min = self.running_max = None
 
+    def timestep_entry(self, t: int) -> tuple[float, float] | None:
+        """The (scale, zero point) committed for timestep ``t`` and not yet in a table (``None``: none)."""
+        return self._pending.get(int(t))
+
+    def restore_timestep_entry(self, t: int, entry) -> None:
+        """Put back an entry ``timestep_entry(t)`` returned (a resumed FSC timestep)."""
+        self._pending[int(t)] = (float(entry[0]), float(entry[1]))
+
     def commit_table(self) -> None:
         """Build the ``[T]`` table from every committed timestep."""
         self.observing = False

@@ -24,7 +24,8 @@ from .config import ActReconConfig, ReconConfig
 from .layers import QuantLayer
 from .prepare import dry_run, quant_layers, set_quant_state
 from .quantizer import ActQuantizer, beta_schedule
-from .resume import UnitProgress, json_digest, tensor_digest
+from .cache import MemoryPolicy, RowCache
+from .resume import UnitProgress, model_state_digest, tensor_digest
 
 Batch = dict[str, torch.Tensor]
 
@@ -62,41 +63,6 @@ def batches(data: Batch, batch_size: int, device, order: torch.Tensor | None = N
     for i in range(0, n, batch_size):
         idx = order[i : i + batch_size]
         yield {k: (v[idx].to(device) if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
-
-
-def _take(obj: Any, idx: torch.Tensor, n: int) -> Any:
-    if isinstance(obj, torch.Tensor) and obj.dim() > 0 and obj.shape[0] == n:
-        return obj[idx]
-    if isinstance(obj, tuple):
-        return tuple(_take(o, idx, n) for o in obj)
-    if isinstance(obj, list):
-        return [_take(o, idx, n) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _take(v, idx, n) for k, v in obj.items()}
-    return obj
-
-
-def _cat(items: list[Any]) -> Any:
-    first = items[0]
-    if isinstance(first, torch.Tensor) and first.dim() > 0:
-        return torch.cat(items, dim=0)
-    if isinstance(first, tuple):
-        return tuple(_cat([it[i] for it in items]) for i in range(len(first)))
-    if isinstance(first, list):
-        return [_cat([it[i] for it in items]) for i in range(len(first))]
-    if isinstance(first, dict):
-        return {k: _cat([it[k] for it in items]) for k in first}
-    return first
-
-
-def _detach(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_detach(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
-    return obj
 
 
 def _main_output(out: Any) -> torch.Tensor:
@@ -147,19 +113,27 @@ def capture_unit_io(
     device,
     want_input: bool,
     want_output: bool,
-) -> tuple[Any, torch.Tensor | None]:
-    """Run ``data`` through ``unet`` (in its current quant state) up to ``unit``; keep its I/O."""
-    ins: list[Any] = []
-    outs: list[torch.Tensor] = []
+    budget_bytes: int | None = None,
+    spill_dir=None,
+) -> tuple[RowCache | None, RowCache | None]:
+    """Run ``data`` through ``unet`` (in its current quant state) up to ``unit``; keep its I/O.
+
+    Returns ``(inputs, output)`` as ``tfmq.quant.cache.RowCache`` (``None`` where not wanted): the
+    inputs as ``(args, kwargs)`` per row, the output's main tensor per row; kept on the CPU, or in
+    files under ``spill_dir`` when one would exceed ``budget_bytes``.
+    """
+    n = num_rows(data)
+    ins = RowCache(n, budget_bytes, spill_dir) if want_input else None
+    outs = RowCache(n, budget_bytes, spill_dir) if want_output else None
 
     def pre(m, args, kwargs):
         if want_input:
-            ins.append((_detach(args), _detach(kwargs)))
+            ins.append((args, kwargs))
         if not want_output:
             raise _StopForward
 
     def post(m, args, kwargs, out):
-        outs.append(_main_output(out).detach())
+        outs.append(_main_output(out))
         raise _StopForward
 
     h1 = unit.register_forward_pre_hook(pre, with_kwargs=True)
@@ -175,9 +149,19 @@ def capture_unit_io(
         h1.remove()
         if h2 is not None:
             h2.remove()
-    if (want_input and not ins) or (want_output and not outs):
+    if (want_input and ins.filled != n) or (want_output and outs.filled != n):
         raise RuntimeError("the reconstruction unit was not executed by the UNet forward; cannot cache its inputs")
-    return (_cat(ins) if want_input else None), (torch.cat(outs) if want_output else None)
+    return ins, outs
+
+
+def unit_step(unit: nn.Module, inputs: RowCache, target: RowCache, device, p: float = 2.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The reconstruction loss of ``unit`` on cached rows ``idx`` (each mini-batch moved to ``device``)."""
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        args, kwargs = inputs.take(idx, device)
+        return lp_loss(_main_output(unit(*args, **kwargs)), target.take(idx, device), p=p)
+
+    return step
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -249,6 +233,7 @@ def reconstruct_units(
     progress: bool = True,
     seed: int = 0,
     resume: UnitProgress | None = None,
+    memory: MemoryPolicy = MemoryPolicy(),
 ) -> dict[str, Any]:
     """BRECQ over every unit in execution order; layers named in ``frozen`` keep their grid.
 
@@ -256,6 +241,8 @@ def reconstruct_units(
         resume: a ``tfmq.quant.resume.UnitProgress``: every finished unit is filed there, and units
             it already holds (for the same model state, rows and config) are restored, not re-run.
             ``None`` (default): nothing is read or written.
+        memory: where the unit caches live (``tfmq.quant.cache.MemoryPolicy``: on the CPU, spilled to
+            files over a budget); it never changes a result.
     """
     units = discover_units(unet, skip_layers=skip_layers)
     per_unit = {}
@@ -272,32 +259,30 @@ def reconstruct_units(
         if not layers:
             continue
         if ui in done:
-            per_unit[unit.name] = resume.restore(done[ui], layers, last=ui == last_done)
+            per_unit[unit.name] = resume.restore(done[ui], layers, last=ui == last_done)[0]
             continue
         set_quant_state(unet, weight=False, act=False)
-        _, target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, False, True)
+        _, target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, False, True,
+                                    memory.budget_bytes, memory.spill_dir)
         set_quant_state(unet, weight=True, act=False)
-        (args, kwargs), _ = capture_unit_io(unet, unit.module, data, capture_batch_size, device, True, False)
+        inputs, _ = capture_unit_io(unet, unit.module, data, capture_batch_size, device, True, False,
+                                    memory.left_after(target), memory.spill_dir)
         for l in layers:
             l.init_adaround()
         params = [p for l in layers for p in l.adaround_parameters()]
-
-        def step_fn(idx, unit=unit, args=args, kwargs=kwargs, target=target):
-            out = _main_output(unit.module(*_take(args, idx, n), **_take(kwargs, idx, n)))
-            return lp_loss(out, target[idx])
-
         u0 = time.perf_counter()
         stats = optimize_rows(
-            step_fn, n, params, cfg.iters, cfg.batch_size, cfg.lr, rounding_regularizer(layers, cfg, cfg.iters),
-            f"{unit.name}", progress, seed=seed + ui,
+            unit_step(unit.module, inputs, target, device), n, params, cfg.iters, cfg.batch_size, cfg.lr,
+            rounding_regularizer(layers, cfg, cfg.iters), f"{unit.name}", progress, seed=seed + ui,
         )
         for l in layers:
             l.finalize()
-        stats["seconds"] = time.perf_counter() - u0
+        stats.update(seconds=time.perf_counter() - u0, **memory.describe(inputs, target))
         per_unit[unit.name] = stats
-        del args, kwargs, target
+        inputs.close()
+        target.close()
         if resume is not None:
-            resume.record(ui, unit.name, layers, stats)
+            resume.record(ui, unit.name, stats, layers)
     # anything left (a quantized layer no unit executed) is rounded to nearest
     for _, l in quant_layers(unet):
         if not l.finalized:
@@ -311,13 +296,8 @@ def reconstruct_units(
 
 def _unit_identity(unet, data: Batch, cfg: ReconConfig, units: list[Unit], todo, frozen, skip_layers, seed: int) -> dict[str, Any]:
     """What unit k's result depends on: the state the stage starts from, the rows, the units, the settings."""
-    tensors: dict[str, torch.Tensor] = {}
-    metas: dict[str, Any] = {}
-    for name, layer in quant_layers(unet):
-        owned, metas[name] = layer.export_state()
-        tensors.update({f"{name}.{k}": v for k, v in owned.items()})
     return {
-        "entering_state": tensor_digest(tensors) + ":" + json_digest(metas),
+        "entering_state": model_state_digest(unet),
         "rows": tensor_digest(data),
         "units": [[u.name, [l.name for l in todo[ui]]] for ui, u in enumerate(units)],
         "recon": dataclasses.asdict(cfg),
@@ -346,41 +326,68 @@ def learn_activation_steps(
     capture_batch_size: int = 64,
     progress: bool = True,
     seed: int = 0,
+    resume: UnitProgress | None = None,
+    memory: MemoryPolicy = MemoryPolicy(),
 ) -> dict[str, Any]:
     """Per unit, learn the shared activation step sizes (Adam, cosine to 0, ``|.|^p`` loss).
 
     Inputs and targets both come from the FP model (Q-Diffusion's activation stage); weights
-    keep their final grid; zero points stay fixed.
+    keep their final grid; zero points stay fixed. ``resume``, ``memory``: as for ``reconstruct_units``
+    (a unit's learned step sizes are filed when it ends).
     """
+    from .prepare import act_quantizers
+
     units = discover_units(unet)
     n = num_rows(data)
     per_unit = {}
     t0 = time.perf_counter()
+    qname = {id(q): name for name, q in act_quantizers(unet)}
+    shared = {ui: [q for q in u.act_quantizers() if q.mode == "shared"] for ui, u in enumerate(units)}
+    done: dict[int, dict[str, Any]] = {}
+    if resume is not None:
+        records = resume.open({
+            "entering_state": model_state_digest(unet), "rows": tensor_digest(data),
+            "units": [[u.name, [qname[id(q)] for q in shared[ui]]] for ui, u in enumerate(units)],
+            "act_recon": dataclasses.asdict(cfg), "seed": seed,
+        })
+        done = {int(r["index"]): r for r in records}
+    last_done = max(done, default=-1)
     for ui, unit in enumerate(tqdm(units, desc="activation step sizes", disable=not progress)):
-        qs = [q for q in unit.act_quantizers() if q.mode == "shared"]
+        qs = shared[ui]
         if not qs:
             continue
+        if ui in done:
+            per_unit[unit.name], scales, _ = resume.restore(done[ui], last=ui == last_done)
+            for q in qs:
+                q.scale.data = scales[qname[id(q)]].to(q.scale.device)
+            continue
         set_quant_state(unet, weight=False, act=False)
-        (args, kwargs), target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, True, True)
+        _, target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, False, True,
+                                    memory.budget_bytes, memory.spill_dir)
+        inputs, _ = capture_unit_io(unet, unit.module, data, capture_batch_size, device, True, False,
+                                    memory.left_after(target), memory.spill_dir)
         set_quant_state(unet, weight=True, act=True)
         for q in qs:
             q.scale.requires_grad_(True)
-
-        def step_fn(idx, unit=unit, args=args, kwargs=kwargs, target=target):
-            out = _main_output(unit.module(*_take(args, idx, n), **_take(kwargs, idx, n)))
-            return lp_loss(out, target[idx], p=cfg.p)
-
         stats = optimize_rows(
-            step_fn, n, [q.scale for q in qs], cfg.iters, cfg.batch_size, cfg.lr, None, f"act {unit.name}", progress,
-            cosine=True, seed=seed + ui,
+            unit_step(unit.module, inputs, target, device, p=cfg.p), n, [q.scale for q in qs], cfg.iters,
+            cfg.batch_size, cfg.lr, None, f"act {unit.name}", progress, cosine=True, seed=seed + ui,
         )
+        stats.update(memory.describe(inputs, target))
+        inputs.close()
+        target.close()
         for q in qs:
             q.scale.requires_grad_(False)
             with torch.no_grad():
                 q.scale.clamp_(min=1e-8)
         per_unit[unit.name] = stats
+        if resume is not None:
+            resume.record(ui, unit.name, stats, tensors={qname[id(q)]: q.scale.detach() for q in qs})
     set_quant_state(unet, weight=True, act=True)
-    return {"units": per_unit, "seconds": time.perf_counter() - t0}
+    out = {"units": per_unit, "seconds": time.perf_counter() - t0}
+    if resume is not None:
+        out["resumed_units"] = resume.restored
+    return out
 
 
 def mean_temporal_cos(fp_feats: list[torch.Tensor], q_feats: list[torch.Tensor]) -> float:

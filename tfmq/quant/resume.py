@@ -1,11 +1,13 @@
-"""Resumable BRECQ (docs/method.md section 6, docs/pipeline.md "Resume"): the state of every
-finished reconstruction unit is filed atomically in a progress directory, so a stage killed half-way
-continues with the next unit and ends bit-identical to an uninterrupted run.
+"""Resumable reconstruction and calibration (docs/method.md section 6, docs/pipeline.md "Resume"): the
+state of every finished unit of work is filed atomically in a progress directory, so a stage killed
+half-way continues with the next unit and ends bit-identical to an uninterrupted run.
 
-Each unit is optimised with its own generator (``seed + unit index``) on inputs computed from the
-units before it, so the grids of the finished units (plus the global RNG state, for safety) are all
-the next unit depends on. A progress directory written for another model, calibration set or config
-(its ``identity`` differs) is discarded with one log line naming what differs.
+The units: TIAR (one unit: the Temporal Information Block), every BRECQ block or layer, every FSC
+timestep, every unit of Q-Diffusion's activation step-size learning. Each is computed from the state
+the finished units left (their grids, ranges or tables) plus, where batches are drawn from a shared
+generator (FSC), that generator's state, which is filed with the unit; the global RNG state is filed
+too, for safety. A progress directory written for another model, calibration set or config (its
+``identity`` differs) is discarded with one log line naming what differs.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ from ..io import atomic_save_safetensors, atomic_write_json
 logger = logging.getLogger("tfmq")
 
 PROGRESS_FORMAT = "tfmq-unit-progress"
-PROGRESS_VERSION = 1
+PROGRESS_VERSION = 2  # 2: units of any stage (state tensors, meta, generator state)
 MANIFEST_NAME = "progress.json"
 _RNG_CPU = "__rng__.cpu"
 _RNG_CUDA = "__rng__.cuda."
+_RNG_GEN = "__rng__.generator"
+_STATE = "__state__."
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -104,6 +108,9 @@ class UnitProgress:
             logger.warning("resume: discarding %s: a unit file listed in %s is missing", self.path, MANIFEST_NAME)
             self.discard()
             return []
+        if doc.get("runtime") != runtime():
+            logger.warning("resume: %s was written with %s, this run has %s: the result can differ from an "
+                           "uninterrupted run's in the last float bits", self.path, doc.get("runtime"), runtime())
         self.done = list(records)
         return list(records)
 
@@ -126,27 +133,34 @@ class UnitProgress:
         shutil.rmtree(self.path, ignore_errors=True)
 
     # --- units -----------------------------------------------------------------------------
-    def record(self, index: int, name: str, layers, stats: dict[str, Any]) -> None:
-        """File unit ``index``'s layer states (and the RNG state after it), then list it in the manifest."""
-        tensors: dict[str, torch.Tensor] = {}
+    def record(self, index: int, name: str, stats: dict[str, Any], layers=(), tensors: dict[str, torch.Tensor] | None = None,
+               meta: Any = None, generator: torch.Generator | None = None) -> None:
+        """File unit ``index``: its layers' states, any other ``tensors`` / JSON ``meta`` it produced, the
+        state of the ``generator`` it drew batches from and the global RNG state; then list it in the manifest."""
+        out: dict[str, torch.Tensor] = {}
         metas: dict[str, Any] = {}
         for layer in layers:
             owned, metas[layer.name] = layer.export_state()
-            tensors.update({f"{layer.name}.{k}": v for k, v in owned.items()})
-        tensors[_RNG_CPU] = torch.get_rng_state()
+            out.update({f"{layer.name}.{k}": v for k, v in owned.items()})
+        out.update({_STATE + k: v for k, v in (tensors or {}).items()})
+        out[_RNG_CPU] = torch.get_rng_state()
+        if generator is not None:
+            out[_RNG_GEN] = generator.get_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"{_RNG_CUDA}{i}"] = s
+                out[f"{_RNG_CUDA}{i}"] = s
         file = f"unit-{index:04d}.safetensors"
-        atomic_save_safetensors(tensors, self.path / file)
-        self.done.append({"index": index, "name": name, "file": file, "layers": metas,
+        atomic_save_safetensors(out, self.path / file)
+        self.done.append({"index": index, "name": name, "file": file, "layers": metas, "meta": meta,
                           "stats": json.loads(json.dumps(stats))})
         atomic_write_json({"format": PROGRESS_FORMAT, "version": PROGRESS_VERSION,
-                           "identity": json.loads(json.dumps(self.identity, default=str)), "done": self.done},
-                          self.path / MANIFEST_NAME)
+                           "identity": json.loads(json.dumps(self.identity, default=str)), "runtime": runtime(),
+                           "done": self.done}, self.path / MANIFEST_NAME)
 
-    def restore(self, record: dict[str, Any], layers, last: bool) -> dict[str, Any]:
-        """Put unit ``record``'s layer states back onto ``layers``; the RNG state too if it is the ``last``."""
+    def restore(self, record: dict[str, Any], layers=(), last: bool = False, generator: torch.Generator | None = None
+                ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+        """Put unit ``record``'s layer states back onto ``layers`` and its state onto ``generator``; the global
+        RNG state too if it is the ``last`` finished unit. Returns ``(stats, tensors, meta)`` as recorded."""
         tensors = load_file(str(self.path / record["file"]))
         by_name = {l.name: l for l in layers}
         if set(by_name) != set(record["layers"]):
@@ -155,13 +169,38 @@ class UnitProgress:
         for name, layer in by_name.items():
             prefix = name + "."
             layer.restore_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, record["layers"][name])
+        if generator is not None:
+            generator.set_state(tensors[_RNG_GEN])
         if last:
             torch.set_rng_state(tensors[_RNG_CPU])
             cuda = [tensors[k] for k in sorted(tensors) if k.startswith(_RNG_CUDA)]
             if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(cuda)
         self.restored += 1
-        return dict(record["stats"])
+        own = {k[len(_STATE):]: v for k, v in tensors.items() if k.startswith(_STATE)}
+        return dict(record["stats"]), own, record.get("meta")
+
+
+def runtime() -> dict[str, Any]:
+    """What decides the last bits of float32 results besides the inputs: torch's thread count and
+    ``OMP_NUM_THREADS`` (the kernels differ even at 1 thread). Not part of the identity: a re-run with
+    other threads still resumes (after one warning line) rather than throwing hours of units away."""
+    import os
+
+    return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
+def model_state_digest(unet) -> str:
+    """Digest of a prepared model's quantization state as it stands: every layer's weight quantizers and
+    every activation quantizer (what a unit's result depends on besides its rows and its settings)."""
+    from .prepare import act_quantizers, quant_layers
+
+    tensors: dict[str, torch.Tensor] = {}
+    metas: dict[str, Any] = {}
+    for name, module in list(quant_layers(unet)) + list(act_quantizers(unet)):
+        owned, metas[name] = module.export_state()
+        tensors.update({f"{name}.{k}": v for k, v in owned.items()})
+    return tensor_digest(tensors) + ":" + json_digest(metas)
 
 
 def stage_identity(unet, calib, config) -> dict[str, Any]:

@@ -39,8 +39,10 @@ class StepContext:
         recipe: the method's ``Recipe``.
         device: ``torch.device`` the stage runs on.
         progress: show progress bars.
-        resume: where BRECQ files finished units (a ``tfmq.quant.resume.UnitProgress``), set by
-            ``tfmq.reconstruct_blocks(resume_dir=...)``; ``None``: nothing is read or written.
+        resume: where the stage files its finished units (a ``tfmq.quant.resume.UnitProgress``), set by
+            a stage's ``resume_dir=``; the built-in handlers pass it to TIAR, BRECQ, FSC and Q-Diffusion's
+            step-size learning. ``None``: nothing is read or written.
+        memory: where BRECQ and step-size learning keep their unit caches (a ``tfmq.quant.cache.MemoryPolicy``).
     """
 
     unet: nn.Module
@@ -50,6 +52,7 @@ class StepContext:
     device: torch.device
     progress: bool = True
     resume: Any = None
+    memory: Any = None
 
     def weight_rows(self) -> dict[str, torch.Tensor]:
         """The recipe's weight calibration set (its ``weight_set`` handler)."""

@@ -6,6 +6,7 @@ the finite set of sampler timesteps, so that the features every resnet receives 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -33,21 +34,36 @@ def tiar(
     device,
     progress: bool = True,
     seed: int = 0,
+    resume=None,
 ) -> dict[str, Any]:
     """Temporal Information Aware Reconstruction: AdaRound on the TIB against FP temporal features.
 
     ``L = tiar_loss(g^q(h^q(t)), g(h(t)))`` plus the rounding regulariser over the TIB's quantized
     Linears. Weight-only. Afterwards every TIB layer is hard-rounded and frozen.
 
+    ``resume``: a ``tfmq.quant.resume.UnitProgress``; TIAR is one unit, filed when it ends and restored
+    (not re-run) when the progress holds it for the same model state, rows and settings.
+
     Returns:
         stats: ``iters``, ``rec_loss_first``/``rec_loss_last`` (mini-batch losses), ``loss_final``
-        (``tiar_loss`` over every row after hard rounding), ``rows``, ``layers``, ``seconds``.
+        (``tiar_loss`` over every row after hard rounding), ``rows``, ``layers``, ``seconds``
+        (plus ``resumed_units`` with ``resume``).
     """
     tib = TemporalInformationBlock(unet)
     names = set(tib.layer_names())
     layers = [l for n, l in quant_layers(unet) if n in names]
     t = timesteps.to(device)
     c = None if class_labels is None else class_labels.to(device)
+    if resume is not None:
+        from .resume import model_state_digest, tensor_digest
+
+        rows = {"timestep": timesteps} if class_labels is None else {"timestep": timesteps, "class_labels": class_labels}
+        done = resume.open({"entering_state": model_state_digest(unet), "rows": tensor_digest(rows),
+                            "layers": sorted(names), "tiar": dataclasses.asdict(cfg), "recon": dataclasses.asdict(reg_cfg),
+                            "seed": seed})
+        if done:
+            stats = resume.restore(done[0], layers, last=True)[0]
+            return {**stats, "resumed_units": resume.restored}
     set_quant_state(unet, weight=False, act=False)
     with torch.no_grad():
         targets = [f.detach() for f in tib.features(t, c)]
@@ -70,6 +86,9 @@ def tiar(
     with torch.no_grad():
         final = float(tiar_loss(tib.features(t, c), targets))
     stats.update(loss_final=final, rows=len(t), layers=len(layers), seconds=time.perf_counter() - t0)
+    if resume is not None:
+        resume.record(0, "temporal information block", stats, layers)
+        stats["resumed_units"] = 0
     return stats
 
 
