@@ -132,6 +132,14 @@ class Eval(Section):
     temporal_samples: int
     activation_layers: int
 
+    @field_validator("num_samples", "batch_size", "num_bootstrap", "grid_images", "temporal_samples", "activation_layers")
+    @classmethod
+    def _counts(cls, v: int, info) -> int:
+        least = {"num_samples": 2, "grid_images": 0, "activation_layers": 0}.get(info.field_name, 1)  # FID needs 2 samples
+        if v < least:
+            raise ValueError(f"eval.{info.field_name}={v!r}: expected an integer >= {least}; fix it in {_FILE}")
+        return v
+
 
 class Grid(Section):
     models: list[str]

@@ -111,6 +111,10 @@ def test_unknown_key_is_named(tmp_path, path, bad_key, value):
         (("grid", "bits"), ["W4A8", "W4"], "grid.bits"),
         (("data", "check_counts"), "yes", "data.check_counts"),
         (("scale_out", "shards"), 0, "scale_out.shards=0: expected an integer >= 1"),
+        (("eval", "num_samples"), -1, "eval.num_samples=-1: expected an integer >= 2"),
+        (("eval", "batch_size"), 0, "eval.batch_size=0: expected an integer >= 1"),
+        (("quant", "recon", "iters"), -5, "quant.recon.iters=-5: expected an integer >= 0"),
+        (("quant_out", "memory_budget_mb"), -1, "quant_out.memory_budget_mb=-1.0: expected a number of MiB >= 0"),
         (("scale_out", "workers"), 0, "scale_out.workers=0"),
         (("scale_out", "address"), "localhost", "scale_out.address='localhost': expected a Dask scheduler address"),
         (("studies", "settings", "brecq-W4A8", "method"), "gptq", "studies.settings.brecq-W4A8.method"),
@@ -151,6 +155,17 @@ def test_cli_bad_params_one_line_nonzero_exit(tmp_path):
     assert len(lines) == 1, r.stderr
     assert "eval.num_sample" in lines[0] and "allowed keys" in lines[0]
     assert "num_samples" in lines[0]  # the allowed keys are listed
+
+
+@pytest.mark.parametrize("text, expect", [("quant: [\n", "is not valid YAML"), (None, "not found; pass --config")])
+def test_cli_params_file_broken_or_missing_one_line_exit_2(tmp_path, text, expect):
+    cfg = tmp_path / "params.yaml"
+    if text is not None:
+        cfg.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "quantize", "--config", str(cfg)], cwd=REPO,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and expect in lines[0] and str(cfg) in lines[0], r.stderr
 
 
 def test_cli_unknown_method_refused_before_any_flow_run():
