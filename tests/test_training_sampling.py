@@ -105,6 +105,25 @@ def test_class_labels_and_cfg():
         sample(unet, sched, 4, 2, 4, seed=0, class_labels=labels, guidance_scale=3.0, progress=False)
 
 
+@pytest.mark.parametrize("null_class", [None, 3])
+def test_text_and_class_guidance_duplicates_the_labels_for_the_null_half(null_class):
+    """CFG with text and class labels at once: every UNet call gets 2B rows of each (it crashed on B labels)."""
+    from conftest import TEXT_DIM, TEXT_LEN
+
+    unet = make_tiny_unet("text", num_class_embeds=4)
+    sched = make_scheduler("ddim", ddpm_config())
+    labels, g = torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0)
+    text, empty = torch.randn(3, TEXT_LEN, TEXT_DIM, generator=g), torch.zeros(1, TEXT_LEN, TEXT_DIM)
+    calls = []
+    unet.register_forward_pre_hook(lambda m, a, k: calls.append((a[0].shape[0], k["class_labels"].tolist(),
+                                                                  k["encoder_hidden_states"].shape[0])), with_kwargs=True)
+    images = sample(unet, sched, 3, 2, 3, seed=0, class_labels=labels, encoder_hidden_states=text,
+                    negative_encoder_hidden_states=empty, null_class_label=null_class, guidance_scale=4.0, progress=False)
+    null = [null_class] * 3 if null_class is not None else [0, 1, 2]
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+    assert calls == [(6, null + [0, 1, 2], 6)] * 2
+
+
 def test_save_grid(tmp_path):
     imgs = torch.linspace(-1, 1, 10).reshape(10, 1, 1, 1).expand(10, 1, 8, 8)
     save_grid(imgs, tmp_path / "g.png", nrow=4)

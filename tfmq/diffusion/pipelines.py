@@ -5,7 +5,11 @@ A run quantizes the UNet of a local diffusers folder, loaded unchanged:
 - **pixel**: ``unet/`` + ``scheduler/`` (our embedded DDPMs; a ``DDPMPipeline`` folder);
 - **latent**: a diffusers ``LDMPipeline`` folder (``model_index.json``, ``unet/``, ``vqvae/``,
   ``scheduler/``), e.g. ``CompVis/ldm-celebahq-256`` on disk or the embedded ``fashion_ldm``;
-  samples are latents and :meth:`DiffusionModel.to_images` decodes them with the FP autoencoder.
+  samples are latents and :meth:`DiffusionModel.to_images` decodes them with the FP autoencoder;
+- **latent, text-guided**: a ``StableDiffusionPipeline`` folder (``unet/``, ``vae/``, ``text_encoder/``,
+  ``tokenizer/``, ``scheduler/``; no safety checker or feature extractor needed), e.g.
+  ``CompVis/stable-diffusion-v1-4`` on disk: :meth:`DiffusionModel.encode_prompts` runs the FP text
+  encoder (``tfmq.diffusion.text``).
 
 The **conditioning** comes from the UNet itself: ``num_class_embeds`` makes it class-conditional
 (classifier-free guidance needs a trained null class), a ``UNet2DConditionModel`` is text-guided.
@@ -26,6 +30,7 @@ import torch
 
 FAMILY_FILE = "tfmq.json"
 AUTOENCODER_KEYS = ("vqvae", "vae")  # LDMPipeline names it vqvae; Stable Diffusion folders vae
+TEXT_KEYS = ("tokenizer", "text_encoder")  # what a text-guided folder needs besides unet/ and vae/
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,10 @@ def read_family(model_dir: str | os.PathLike) -> ModelFamily:
     if ae is not None and not (d / ae / "config.json").is_file():
         raise FileNotFoundError(f"{d}/model_index.json lists a {ae!r} component but {d / ae}/config.json is missing; "
                                 "copy the whole pipeline folder")
+    for key in TEXT_KEYS:
+        if key in index and not (d / key).is_dir():
+            raise FileNotFoundError(f"{d}/model_index.json lists a {key!r} component but {d / key}/ is missing; "
+                                    "copy the whole pipeline folder")
     unet_cfg = _json(d / "unet" / "config.json") if (d / "unet" / "config.json").is_file() else {}
     embeds = unet_cfg.get("num_class_embeds")
     null = extra.get("null_class_label")
@@ -112,6 +121,17 @@ class DiffusionModel:
     scheduler: Any
     family: ModelFamily
     autoencoder: torch.nn.Module | None = None
+    tokenizer: Any = None
+    text_encoder: torch.nn.Module | None = None
+
+    def encode_prompts(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """``[N, L, D]`` FP text-encoder states of ``prompts`` (``""``: the null prompt of guidance)."""
+        if self.text_encoder is None:
+            raise ValueError(f"this {self.family.name} model has no text encoder; prompts need a text-guided "
+                             "(Stable Diffusion) folder with tokenizer/ and text_encoder/")
+        from tfmq.diffusion.text import encode_prompts
+
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, batch_size=batch_size)
 
     def to_images(self, samples: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Sampler output -> images in [-1, 1] (float32, CPU): decoded + cropped for a latent model."""
@@ -153,8 +173,48 @@ def load_diffusion_model(model_dir: str | os.PathLike, device: str | torch.devic
 
     family = read_family(model_dir)
     unet, scheduler = load_fp_model(model_dir, device)
+    tokenizer, text_encoder = load_text_encoder(model_dir, device) if family.conditioning == "text" else (None, None)
     return DiffusionModel(unet=unet, scheduler=scheduler, family=family,
-                          autoencoder=load_autoencoder(model_dir, family, device))
+                          autoencoder=load_autoencoder(model_dir, family, device),
+                          tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+def load_text_encoder(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Any, torch.nn.Module | None]:
+    """``(tokenizer, text_encoder)`` of a text-guided folder (FP, eval mode), ``(None, None)`` if it has none
+    (a text-conditioned UNet alone: the caller passes ``encoder_hidden_states`` itself)."""
+    import transformers
+
+    d = Path(model_dir)
+    if not all((d / k).is_dir() for k in TEXT_KEYS):
+        return None, None
+    index = _json(d / "model_index.json") if (d / "model_index.json").is_file() else {}
+    names = {k: (index.get(k) or [None, default])[1] for k, default in zip(TEXT_KEYS, ("CLIPTokenizer", "CLIPTextModel"))}
+    classes = {k: getattr(transformers, n, None) for k, n in names.items()}
+    bad = [f"{k}: {names[k]!r}" for k, c in classes.items() if c is None]
+    if bad:
+        raise ValueError(f"{d}/model_index.json names {', '.join(bad)}, which transformers {transformers.__version__} "
+                         "does not provide")
+    tokenizer = classes["tokenizer"].from_pretrained(d / "tokenizer", local_files_only=True)
+    encoder = classes["text_encoder"].from_pretrained(d / "text_encoder", local_files_only=True)
+    return tokenizer, encoder.to(device).eval().requires_grad_(False)
+
+
+def save_sd_pipeline(out_dir: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                     tokenizer: Any, scheduler: Any, image_size: tuple[int, int] | None = None) -> Path:
+    """Write a diffusers ``StableDiffusionPipeline`` folder (``StableDiffusionPipeline.from_pretrained(dir,
+    safety_checker=None)`` loads it; no safety checker or feature extractor) + ``tfmq.json``.
+    ``out_dir`` is written in place (callers build it inside ``tfmq.io.atomic_dir``)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    extra = {"image_size": None if image_size is None else list(image_size), "null_class_label": None,
+             "note": "written by tfmq: the data's image size (decoded images are cropped to it); only the UNet is "
+                     "ever quantized, the text encoder and the VAE stay full precision"}
+    (out / FAMILY_FILE).write_text(json.dumps(extra, indent=2) + "\n")
+    return out
 
 
 def save_ldm_pipeline(out_dir: str | os.PathLike, unet: torch.nn.Module, vqvae: torch.nn.Module, scheduler: Any,

@@ -134,6 +134,8 @@ def sample(
         trajectory_noise: the name docs/interfaces.md used for ``noise``; give one of the two.
         encoder_hidden_states: [num_samples or 1, L, D] text conditioning (UNet2DConditionModel).
         negative_encoder_hidden_states / null_class_label: the null condition for classifier-free guidance.
+            With both text and class labels, the null half gets ``null_class_label`` if given, else the
+            same class labels (guidance by the text alone).
         guidance_scale: > 1 enables CFG: each UNet call gets the batch [null; cond] (2B rows) and
             ``eps = eps_null + g (eps_cond - eps_null)``.
         first_index: the index of this call's first sample in a larger run (a shard: pass its ``noise``
@@ -141,7 +143,10 @@ def sample(
             samples ``[first_index, first_index + num_samples)`` equal those rows of the whole run.
 
     Returns:
-        float32 [num_samples, C, H, W] in [-1, 1] on CPU, plus the trajectory if requested.
+        float32 [num_samples, C, H, W] on CPU: the sampler's final ``x``, not clamped (a pixel model's
+        images lie about in [-1, 1]: ``DiffusionModel.to_images`` / ``to_uint8`` / ``save_grid`` clamp
+        them; a latent model's unit-variance latents go to the decoder as they are, as in diffusers'
+        ``LDMPipeline`` and ``StableDiffusionPipeline``), plus the trajectory if requested.
         The UNet gets ``timestep`` as an int64 [rows] tensor, the same form the calibration set stores.
 
     Example:
@@ -200,8 +205,9 @@ def sample(
             cond: dict[str, torch.Tensor] = {}
             if class_labels is not None:
                 labels = class_labels[lo:hi]
-                if do_cfg and ehs is None:
-                    labels = torch.cat([torch.full_like(labels, int(null_class_label)), labels])
+                if do_cfg:  # the null half: the null class, or (text guidance with a class) the same classes
+                    null = labels if null_class_label is None else torch.full_like(labels, int(null_class_label))
+                    labels = torch.cat([null, labels])
                 cond["class_labels"] = labels.to(device)
             if ehs is not None:
                 e = ehs[lo:hi]
@@ -231,7 +237,7 @@ def sample(
                     kw = {**{k: v for k, v in step_kwargs.items() if k != "generator"}, "variance_noise": noise * scale}
                 x = scheduler.step(eps, t, x, **kw).prev_sample
                 bar.update(1)
-            outputs.append(x.float().clamp(-1, 1).cpu())
+            outputs.append(x.float().cpu())  # never clamped here: latents are not images
             if return_trajectory:
                 trajectory.append(torch.stack(batch_traj))
     bar.close()

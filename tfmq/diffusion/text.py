@@ -1,0 +1,148 @@
+"""Text conditioning for Stable-Diffusion-style folders (``tokenizer/`` + ``text_encoder/``), offline.
+
+- :func:`build_clip_tokenizer` learns a byte-level BPE vocabulary in CLIP's format (``vocab.json`` +
+  ``merges.txt``: lower-cased words, bytes mapped to printable characters, ``</w>`` ending a word,
+  ``<|startoftext|>`` / ``<|endoftext|>``) from a caption corpus, so a ``transformers.CLIPTokenizer``
+  loads it unchanged; the merges are deterministic (ties broken by the pair itself).
+- :func:`read_prompts` reads a prompt file (one prompt per line, the format of the calibration and
+  evaluation prompt files named in ``params.yaml``).
+- :func:`encode_prompts` is what ``StableDiffusionPipeline`` does with a prompt: pad / truncate to the
+  tokenizer's ``model_max_length``, run the (FP) text encoder, return its last hidden state.
+
+Only the UNet is ever quantized: the text encoder stays full precision.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+START, END = "<|startoftext|>", "<|endoftext|>"
+_WORD = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")  # CLIP's pattern without its contractions and unicode classes
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's / GPT-2's map of the 256 bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(" ".join(text.lower().split()))
+
+
+def build_clip_tokenizer(corpus: list[str], out_dir: str | os.PathLike, num_merges: int | None = None,
+                         model_max_length: int = 77):
+    """Learn BPE merges on ``corpus`` and write a ``CLIPTokenizer`` folder to ``out_dir``; return the tokenizer.
+
+    Args:
+        corpus: captions (the calibration and evaluation prompts need not be in it: unseen words fall
+            back to smaller pieces, down to single bytes).
+        num_merges: merges to learn (``None``: until every corpus word is one token).
+        model_max_length: the padded prompt length (77 in Stable Diffusion).
+    """
+    from transformers import CLIPTokenizer
+
+    b2u = bytes_to_unicode()
+    freq = collections.Counter(w for line in corpus for w in _words(line))
+    if not freq:
+        raise ValueError("build_clip_tokenizer: the corpus has no words; expected a list of captions")
+    # every word as a tuple of byte-characters, the last one carrying the end-of-word marker
+    splits = {}
+    for w in freq:
+        chars = [b2u[b] for b in w.encode("utf-8")]
+        splits[w] = tuple(chars[:-1]) + (chars[-1] + "</w>",)
+    merges: list[tuple[str, str]] = []
+    while num_merges is None or len(merges) < num_merges:
+        pairs = collections.Counter()
+        for w, parts in splits.items():
+            for a, b in zip(parts, parts[1:]):
+                pairs[(a, b)] += freq[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        joined = best[0] + best[1]
+        for w, parts in splits.items():
+            out, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            splits[w] = tuple(out)
+    base = list(b2u.values())
+    vocab_list = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [START, END]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=model_max_length)
+    tok.save_pretrained(out)
+    return tok
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a prompt file: one per line, surrounding blanks removed, blank lines skipped."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"prompt file {p}: cannot read it ({e}); expected a UTF-8 text file, one prompt per line") from None
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {p} holds no prompt; expected one prompt per line")
+    return prompts
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None, batch_size: int = 64) -> torch.Tensor:
+    """``[len(prompts), L, D]`` text-encoder states of ``prompts`` (padded to ``model_max_length``), as
+    ``StableDiffusionPipeline`` computes them; ``""`` is the null prompt of classifier-free guidance."""
+    device = device or next(text_encoder.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            ids = tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            out.append(text_encoder(ids)[0].float().cpu())
+    return torch.cat(out)
+
+
+# --- captions of a labelled image set (the embedded text-guided default) --------------------------------
+TRAIN_TEMPLATES = ("a photo of a {}", "a picture of a {}", "a black and white photo of a {}", "an image of a {}")
+HELDOUT_TEMPLATES = ("a grayscale picture of a {}", "a small photo of the {}")  # evaluation only, like COCO val
+
+
+def class_phrase(name: str) -> str:
+    """``"T-shirt/top" -> "t-shirt or top"``: a class name as it appears in a caption."""
+    return " or ".join(part.strip() for part in name.lower().split("/"))
+
+
+def captions(class_names: list[str] | tuple[str, ...], labels, templates=TRAIN_TEMPLATES, seed: int = 0) -> list[str]:
+    """One caption per label: a template (drawn with ``seed``) filled with the class phrase."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(templates), (len(labels),), generator=g).tolist()
+    return [templates[k].format(class_phrase(class_names[int(c)])) for k, c in zip(pick, labels)]
+
+
+def class_of_prompt(prompt: str, class_names: list[str] | tuple[str, ...]) -> int | None:
+    """The class a prompt names (the longest class phrase in it: "t-shirt or top" before "shirt"), or None."""
+    text = " ".join(prompt.lower().split())
+    for c in sorted(range(len(class_names)), key=lambda c: -len(class_phrase(class_names[c]))):
+        if re.search(rf"(?<![\w-]){re.escape(class_phrase(class_names[c]))}(?![\w-])", text):
+            return c
+    return None
