@@ -126,7 +126,8 @@ def checkpoint(setting: Setting) -> None:
     try:
         header = verify_checkpoint(path)  # header and a complete weights file, without loading tensors
     except CheckpointError as e:
-        raise InputError(f"{' '.join(str(e).split())}; {hint}") from None
+        msg = " ".join(str(e).split()).removesuffix("; re-run the quantization")  # the hint below says how
+        raise InputError(f"{msg}; {hint}") from None
     if (header.get("method"), header.get("bits")) != (setting.method, setting.bits):
         raise InputError(f"{path}: checkpoint is {header.get('method')}-{header.get('bits')}, expected "
                          f"{setting.method}-{setting.bits}; {hint}")

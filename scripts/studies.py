@@ -88,6 +88,17 @@ def _save(study: str, rows: list[dict]) -> Path:
 
 
 def run(study: str, values: tuple[int, ...] | None = None) -> Path:
+    # `dvc exp run` leaves the experiment's params in the workspace's params.yaml: the file is put back after
+    # every point, so each point differs from the grid only in the keys it sets (a seeds study run before an
+    # iterations study once made every iteration point run at the last seed)
+    grid_params = (ROOT / "params.yaml").read_text()
+    try:
+        return _run(study, values, grid_params)
+    finally:
+        (ROOT / "params.yaml").write_text(grid_params)
+
+
+def _run(study: str, values: tuple[int, ...] | None, grid_params: str) -> Path:
     p = _params()
     model, out_dir, qdir = p["model"]["name"], p["eval"]["out_dir"], p["quant_out"]["dir"]
     model_dir = str(Path(p["model"]["root"]) / model)
@@ -114,6 +125,7 @@ def run(study: str, values: tuple[int, ...] | None = None) -> Path:
         t0 = time.perf_counter()
         print(" ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
+        (ROOT / "params.yaml").write_text(grid_params)
         rows.append(_row(ROOT / out_dir / "metrics" / model / "exp.json", ROOT / qdir / model / "exp" / "model",
                          model_dir, method=method, iters=iters, seed=seed, command="dvc " + " ".join(cmd[3:]),
                          wall_s=round(time.perf_counter() - t0, 1)))
