@@ -9,7 +9,7 @@ A run quantizes the UNet of a local diffusers folder, loaded unchanged:
 - **latent, text-guided**: a ``StableDiffusionPipeline`` folder (``unet/``, ``vae/``, ``text_encoder/``,
   ``tokenizer/``, ``scheduler/``; no safety checker or feature extractor needed), e.g.
   ``CompVis/stable-diffusion-v1-4`` on disk: :meth:`DiffusionModel.encode_prompts` runs the FP text
-  encoder (``tfmq.diffusion.text``).
+  encoder (:func:`encode_prompts`; tokenizers and captions: ``tfmq.diffusion.text``).
 
 The **conditioning** comes from the UNet itself: ``num_class_embeds`` makes it class-conditional
 (classifier-free guidance needs a trained null class), a ``UNet2DConditionModel`` is text-guided.
@@ -129,8 +129,6 @@ class DiffusionModel:
         if self.text_encoder is None:
             raise ValueError(f"this {self.family.name} model has no text encoder; prompts need a text-guided "
                              "(Stable Diffusion) folder with tokenizer/ and text_encoder/")
-        from tfmq.diffusion.text import encode_prompts
-
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, batch_size=batch_size)
 
     def to_images(self, samples: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -177,6 +175,19 @@ def load_diffusion_model(model_dir: str | os.PathLike, device: str | torch.devic
     return DiffusionModel(unet=unet, scheduler=scheduler, family=family,
                           autoencoder=load_autoencoder(model_dir, family, device),
                           tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None, batch_size: int = 64) -> torch.Tensor:
+    """``[len(prompts), L, D]`` text-encoder states of ``prompts`` (padded to ``model_max_length``), as
+    ``StableDiffusionPipeline`` computes them; ``""`` is the null prompt of classifier-free guidance."""
+    device = device or next(text_encoder.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            ids = tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            out.append(text_encoder(ids)[0].float().cpu())
+    return torch.cat(out)
 
 
 def load_text_encoder(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Any, torch.nn.Module | None]:

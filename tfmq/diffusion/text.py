@@ -6,8 +6,8 @@
   loads it unchanged; the merges are deterministic (ties broken by the pair itself).
 - :func:`read_prompts` reads a prompt file (one prompt per line, the format of the calibration and
   evaluation prompt files named in ``params.yaml``).
-- :func:`encode_prompts` is what ``StableDiffusionPipeline`` does with a prompt: pad / truncate to the
-  tokenizer's ``model_max_length``, run the (FP) text encoder, return its last hidden state.
+- the prompts' text-encoder states are ``tfmq.diffusion.pipelines.encode_prompts`` (what
+  ``StableDiffusionPipeline`` does with a prompt).
 
 Only the UNet is ever quantized: the text encoder stays full precision.
 """
@@ -107,19 +107,6 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {p} holds no prompt; expected one prompt per line")
     return prompts
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None, batch_size: int = 64) -> torch.Tensor:
-    """``[len(prompts), L, D]`` text-encoder states of ``prompts`` (padded to ``model_max_length``), as
-    ``StableDiffusionPipeline`` computes them; ``""`` is the null prompt of classifier-free guidance."""
-    device = device or next(text_encoder.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            ids = tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(device)
-            out.append(text_encoder(ids)[0].float().cpu())
-    return torch.cat(out)
 
 
 # --- captions of a labelled image set (the embedded text-guided default) --------------------------------
