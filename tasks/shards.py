@@ -72,7 +72,7 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
                noise=initial_noise(e["seed"], shape, start, stop), first_index=start,
                **guidance_kwargs(model.family, sampler.get("guidance_scale", 1.0)))
     times["sample"], t0 = time.perf_counter() - t0, time.perf_counter()
-    images = to_uint8(model.to_images(x))
+    images = to_uint8(model.to_images(x, batch_size=e["batch_size"]))  # decode in the batches it sampled in
     times["decode"], t0 = time.perf_counter() - t0, time.perf_counter()
     ext = get_extractor_spec(e["extractor"]).name  # the reference's name for it (e.g. efficientnet-lite0-112)
     layers = feature_layers(ext)

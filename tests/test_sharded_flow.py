@@ -45,7 +45,7 @@ def test_dask_sharded_scores_equal_the_in_process_metrics(tmp_path):
     model = load_diffusion_model(MODEL)
     x = sample(model.unet, make_scheduler("ddim", model.scheduler.config), n, 5, e["batch_size"], e["seed"],
                class_labels=class_labels_for(model.unet, n, model.family), progress=False)
-    images = to_uint8(model.to_images(x))
+    images = to_uint8(model.to_images(x, batch_size=e["batch_size"]))  # decoded in the batches it was sampled in, as the stage does
     want = compute_metrics(images, ref, num_bootstrap=0, kid_subsets=10, kid_subset_size=12, batch_size=8,
                            progress=False)["values"]
 
