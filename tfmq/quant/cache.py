@@ -49,7 +49,7 @@ class RowCache:
         self.dtypes: list[torch.dtype | None] = []
         self.filled = 0
         self.on_disk = False
-        self._files: list[Path] = []
+        self._files: dict[int, Path] = {}  # leaf index -> its spill file
 
     # --- filling ---------------------------------------------------------------------------
     def _start(self, leaves: list[Any], n: int) -> None:
@@ -65,7 +65,7 @@ class RowCache:
             self.dtypes.append(l.dtype)
             if self.on_disk:
                 fd, name = tempfile.mkstemp(prefix="tfmq-unit-cache-", suffix=".bin", dir=self.spill_dir)
-                self._files.append(Path(name))
+                self._files[len(self.leaves)] = Path(name)
                 self.leaves.append(os.fdopen(fd, "w+b", buffering=0))
             else:
                 self.leaves.append(torch.empty((self.rows, *l.shape[1:]), dtype=l.dtype))
@@ -114,7 +114,7 @@ class RowCache:
                 for j, i in enumerate(idx.tolist()):
                     got = os.preadv(leaf.fileno(), [buf[j]], i * size)
                     if got != size:
-                        raise OSError(f"unit cache file {self._files[k] if k < len(self._files) else ''}: short read")
+                        raise OSError(f"unit cache file {self._files[k]}: read {got} of {size} bytes of row {i}")
             else:
                 t = leaf[idx]
             out.append(t.to(device) if device is not None else t)
@@ -127,9 +127,9 @@ class RowCache:
         for leaf in self.leaves:
             if hasattr(leaf, "close"):
                 leaf.close()
-        for p in self._files:
+        for p in self._files.values():
             p.unlink(missing_ok=True)
-        self.leaves, self._files = [], []
+        self.leaves, self._files = [], {}
 
     def __del__(self):
         try:
