@@ -101,6 +101,35 @@ def extractor_weights(params: Params) -> None:
                    "set eval.inception_weights in params.yaml (or use eval.extractor: efficientnet-lite0)")
 
 
+def clip_model(params: Params) -> None:
+    """``eval.clip_model``: null, or a local CLIP folder (``CLIPModel.save_pretrained`` + its processor)."""
+    path = params.eval.clip_model
+    if path is not None:
+        _need_dir("eval.clip_model", path, "expected a local CLIP folder (e.g. openai/clip-vit-base-patch32 saved with "
+                  "save_pretrained, with its processor) or null (prompt accuracy of the domain classifier instead)",
+                  inside=("config.json", "preprocessor_config.json"))
+
+
+def prompt_files(params: Params, model: str | None, keys: tuple[str, ...]) -> None:
+    """A text-guided model's prompt files (``calib_data.prompts`` / ``eval.prompts``): readable, one prompt a line."""
+    from tasks.setting import model_name
+    from tfmq.diffusion.pipelines import read_family
+
+    if read_family(Path(params.model.root) / model_name(params, model)).conditioning != "text":
+        return
+    from tfmq.diffusion.text import read_prompts
+
+    for key in keys:
+        section, field = key.split(".")
+        path = getattr(getattr(params, section), field)
+        hint = "expected a UTF-8 text file with one prompt per line (text-guided models sample these prompts)"
+        _need_file(key, path, hint)
+        try:
+            read_prompts(path)
+        except ValueError as e:
+            raise InputError(f"{key}={path!r}: {' '.join(str(e).split())}") from None
+
+
 def reference_file(params: Params) -> str:
     """``<reference.dir>/<split>_<extractor>.safetensors``: the reference statistics every row is scored against."""
     from tfmq.evaluation.extractors import get_extractor_spec
@@ -109,8 +138,11 @@ def reference_file(params: Params) -> str:
     return str(Path(params.reference.dir) / f"{params.reference.split}_{name}.safetensors")
 
 
-def eval_inputs(params: Params) -> None:
+def eval_inputs(params: Params, model: str | None = None) -> None:
     extractor_weights(params)
+    clip_model(params)
+    if model is not None:
+        prompt_files(params, model, ("eval.prompts",))
     _need_file("reference.dir", reference_file(params), "run `tfmq reference-stats` (dvc repro reference_stats) first")
     _need_dir("classifier.path", params.classifier.path, "run `tfmq train-classifier` first")
 
@@ -141,9 +173,11 @@ def run_inputs(command: str, params: Params, setting: Setting | None = None, mod
         if command == "check":
             for name in params.grid.models:
                 fp_model(params, name)
+                prompt_files(params, name, ("calib_data.prompts", "eval.prompts"))
         if not Path(params.data.path).is_file():
             dataset_source(params)
         extractor_weights(params)
+        clip_model(params)
     elif command == "prepare-data":
         dataset_source(params)
     elif command in ("train", "train-classifier"):
@@ -153,18 +187,19 @@ def run_inputs(command: str, params: Params, setting: Setting | None = None, mod
         extractor_weights(params)
     elif command == "calib-data":
         fp_model(params, model)
+        prompt_files(params, model, ("calib_data.prompts",))
     elif command in ("quantize", "run"):
         fp_model(params, model)
         calib_set(params, setting)
         if command == "run":
-            eval_inputs(params)
+            eval_inputs(params, model)
     elif command == "evaluate":
         assert setting is not None
         if setting.kind in ("real", "autoencoder"):
             dataset(params)
         if setting.kind != "real":
             fp_model(params, model)
-        eval_inputs(params)
+        eval_inputs(params, model if setting.kind != "real" else None)
         if setting.quantized:
             checkpoint(setting)
 

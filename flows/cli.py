@@ -65,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="validate params.yaml and exit")
     sub.add_parser("prepare-data", parents=[common], help="verify the IDX dataset and snapshot it (data.path)")
     p = sub.add_parser("train", parents=[common],
-                       help="train an FP model (train_fp / train_fp_class / train_ldm / train_ldm_class)")
+                       help="train an FP model (train_fp / train_fp_class / train_ldm / train_ldm_class / train_sd)")
     p.add_argument("--class-conditional", action="store_true", help="the class-conditional model (*_class)")
     p.add_argument("--latent", action="store_true", help="the latent UNet on the autoencoder's latents (train_ldm*)")
+    p.add_argument("--text", action="store_true", help="the text-guided UNet on the VAE's latents (train_sd)")
     sub.add_parser("train-autoencoder", parents=[common], help="train the latent family's VQ autoencoder")
+    sub.add_parser("train-vae", parents=[common], help="train the text-guided family's KL autoencoder")
     sub.add_parser("train-classifier", parents=[common], help="train the domain-IS classifier")
     sub.add_parser("reference-stats", parents=[common], help="feature statistics of the reference split")
     _model_arg(sub.add_parser("calib-data", parents=[common], help="record calibration trajectories of the FP model"))
@@ -105,6 +107,9 @@ def _settings(args: argparse.Namespace, params) -> list:
         return grid_settings(params, args.methods, args.bits, args.models) + studies
     if cmd == "evaluate" and (args.fp or args.real):
         return [unquantized_setting(params, "fp" if args.fp else "real", args.name, args.model)]
+    if cmd == "train" and args.text and (args.latent or args.class_conditional):
+        raise SettingError("train --text is the text-guided model (train_sd); expected neither --latent nor "
+                           "--class-conditional with it")
     if cmd in ("quantize", "evaluate", "run") and args.study is not None:
         given = [f"--{k}" for k in ("method", "bits", "name", "model") if getattr(args, k) is not None]
         if given or getattr(args, "fp", False) or getattr(args, "real", False):
@@ -123,13 +128,14 @@ def _dispatch(args: argparse.Namespace, params, settings: list) -> Any:
     cmd = args.command
     simple = {"prepare-data": stages.prepare_data_flow, "train-classifier": stages.train_classifier_flow,
               "reference-stats": stages.reference_stats_flow, "report": stages.report_flow,
-              "train-autoencoder": stages.train_autoencoder_flow}
+              "train-autoencoder": stages.train_autoencoder_flow, "train-vae": stages.train_vae_flow}
     if cmd in simple:
         return rf(simple[cmd], params)
     if cmd == "calib-data":
         return rf(stages.calib_data_flow, params, args.model)
     if cmd == "train":
-        section = ("train_ldm" if args.latent else "train_fp") + ("_class" if args.class_conditional else "")
+        section = "train_sd" if args.text else \
+            ("train_ldm" if args.latent else "train_fp") + ("_class" if args.class_conditional else "")
         return rf(stages.train_fp_flow, params, section)
     if cmd in ("quantize", "evaluate", "run"):
         flow_ = {"quantize": stages.quantize_flow, "evaluate": stages.evaluate_flow,

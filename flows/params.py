@@ -95,6 +95,7 @@ class CalibData(Section):
     num_samples: int
     batch_size: int
     seed: int
+    prompts: str
 
 
 class QuantOut(Section):
@@ -127,6 +128,8 @@ class Eval(Section):
     seed: int
     extractor: str
     inception_weights: str | None
+    clip_model: str | None
+    prompts: str
     num_bootstrap: int
     grid_images: int
     temporal_samples: int
@@ -308,10 +311,49 @@ def _autoencoder_section() -> type[Section]:
     return _dataclass_section(AutoencoderConfig, "AutoencoderSection")
 
 
+def _vae_section() -> type[Section]:
+    """``vae``: the fields of ``tfmq.diffusion.vae.KLAutoencoderConfig`` plus ``out_dir``."""
+    from tfmq.diffusion.vae import KLAutoencoderConfig
+
+    return _dataclass_section(KLAutoencoderConfig, "VaeSection")
+
+
 TrainSection = _train_section()
 AutoencoderSection = _autoencoder_section()
+VaeSection = _vae_section()
+
+
+class TextEncoder(Section):
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+
+    @model_validator(mode="after")
+    def _shape(self) -> "TextEncoder":
+        if min(self.hidden_size, self.num_layers, self.num_heads) < 1 or self.hidden_size % self.num_heads:
+            raise ValueError(f"train_sd.text_encoder: hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
+                             f"num_heads={self.num_heads}: expected positive integers with hidden_size divisible by "
+                             f"num_heads; fix it in {_FILE}")
+        return self
+
+
+class TextTrainSection(TrainSection):  # type: ignore[valid-type, misc]
+    """``train_sd``: a ``TrainSection`` plus the prompt dropout (the "" prompt of CFG) and the text encoder's shape."""
+
+    prompt_dropout: float
+    text_encoder: TextEncoder
+
+    @field_validator("prompt_dropout")
+    @classmethod
+    def _dropout(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"train_sd.prompt_dropout={v!r}: expected a number in (0, 1), e.g. 0.1 (guidance needs "
+                             f"the '' prompt); fix it in {_FILE}")
+        return v
+
+
 #: the FP training sections: name -> what they train
-TRAIN_SECTIONS = ("train_fp", "train_fp_class", "train_ldm", "train_ldm_class")
+TRAIN_SECTIONS = ("train_fp", "train_fp_class", "train_ldm", "train_ldm_class", "train_sd")
 
 
 class Params(Section):
@@ -323,6 +365,8 @@ class Params(Section):
     autoencoder: AutoencoderSection  # type: ignore[valid-type]
     train_ldm: TrainSection  # type: ignore[valid-type]
     train_ldm_class: TrainSection  # type: ignore[valid-type]
+    vae: VaeSection  # type: ignore[valid-type]
+    train_sd: TextTrainSection
     classifier: Classifier
     sampler: Sampler
     model: Model
@@ -361,13 +405,19 @@ class Params(Section):
 
         for name in TRAIN_SECTIONS:  # the dataclass's own checks (__post_init__)
             try:
-                TrainConfig(**getattr(self, name).model_dump(exclude={"out_dir"}))
+                TrainConfig(**getattr(self, name).model_dump(exclude={"out_dir", "prompt_dropout", "text_encoder"}))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{name}: {e}; fix it in {_FILE}") from None
         try:
             AutoencoderConfig(**self.autoencoder.model_dump(exclude={"out_dir"}))
         except (TypeError, ValueError) as e:
             raise ValueError(f"autoencoder: {e}; fix it in {_FILE}") from None
+        from tfmq.diffusion.vae import KLAutoencoderConfig
+
+        try:
+            KLAutoencoderConfig(**self.vae.model_dump(exclude={"out_dir"}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"vae: {e}; fix it in {_FILE}") from None
         return self
 
     @model_validator(mode="after")

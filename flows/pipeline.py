@@ -28,6 +28,7 @@ from flows.stages import (
     train_autoencoder_flow,
     train_classifier_flow,
     train_fp_flow,
+    train_vae_flow,
 )
 from flows.params import TRAIN_SECTIONS
 from tasks.common import logger, pipeline_task
@@ -72,6 +73,8 @@ def compare(methods: list[str] | None = None, bits: list[str] | None = None, con
         fp_dir = str(Path(params.model.root) / model)
         if fp_dir in trains and trains[fp_dir].startswith("train_ldm"):
             upstream.append((params.autoencoder.out_dir, train_autoencoder_flow, ()))
+        if fp_dir in trains and trains[fp_dir] == "train_sd":
+            upstream.append((params.vae.out_dir, train_vae_flow, ()))
         if fp_dir in trains:
             upstream.append((fp_dir, train_fp_flow, (trains[fp_dir],)))
     upstream += [(params.classifier.path, train_classifier_flow, ()), (params.reference.dir, reference_stats_flow, ())]

@@ -26,6 +26,7 @@ from tasks import real as real_tasks
 from tasks import report as report_tasks
 from tasks import reference as ref_tasks
 from tasks import train as train_tasks
+from tasks import vae as vae_tasks
 from tasks.tracking import log_run
 
 PLAIN = contextvars.ContextVar("tfmq_plain", default=False)
@@ -54,6 +55,9 @@ def prepare_data_flow(params: Params) -> str:
 
 @flow(name="train-fp", **_OBJECTS)
 def train_fp_flow(params: Params, section: str = "train_fp") -> str:
+    if section == "train_sd":  # the text-guided UNet on the VAE's latents -> a StableDiffusionPipeline folder
+        return call(train_tasks.train_text, params.train_sd, params.data.path, params.vae.out_dir,
+                    params.sampler.guidance_scale)
     if section.startswith("train_ldm"):  # a latent UNet on the autoencoder's latents -> an LDMPipeline folder
         return call(train_tasks.train_latent, getattr(params, section), params.data.path, section,
                     params.autoencoder.out_dir, params.sampler.guidance_scale)
@@ -63,6 +67,11 @@ def train_fp_flow(params: Params, section: str = "train_fp") -> str:
 @flow(name="train-autoencoder", **_OBJECTS)
 def train_autoencoder_flow(params: Params) -> str:
     return call(ae_tasks.train_autoencoder, params.autoencoder, params.data.path)
+
+
+@flow(name="train-vae", **_OBJECTS)
+def train_vae_flow(params: Params) -> str:
+    return call(vae_tasks.train_vae, params.vae, params.data.path)
 
 
 @flow(name="train-classifier", **_OBJECTS)

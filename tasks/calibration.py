@@ -27,11 +27,61 @@ def guidance_kwargs(family, guidance_scale: float) -> dict:
     return {"guidance_scale": g, "null_class_label": family.null_class_label if g > 1.0 else None}
 
 
+def text_conditioning(fp_dir: str, prompts_path: str | None, n: int, family=None, start: int = 0,
+                      stop: int | None = None, encoder: tuple | None = None) -> dict | None:
+    """A text-guided folder's conditioning of samples ``[start, stop)`` of a run of ``n``: sample j gets prompt
+    ``j mod P`` of the prompt file (P prompts); ``None`` for any other family.
+
+    Returns ``{"encoder_hidden_states": [stop - start, L, D], "negative_encoder_hidden_states": [1, L, D]`` (the
+    ``""`` prompt of classifier-free guidance), ``"prompts": [...]}``: FP text-encoder states, as
+    ``StableDiffusionPipeline`` computes them; only the UNet is ever quantized. ``encoder``: the folder's
+    ``(tokenizer, text_encoder)`` if already loaded."""
+    import torch
+
+    from tfmq.diffusion.pipelines import encode_prompts, load_text_encoder, read_family
+    from tfmq.diffusion.text import read_prompts
+
+    family = family or read_family(fp_dir)
+    if family.conditioning != "text":
+        return None
+    if prompts_path is None:
+        raise ValueError(f"{fp_dir} is a text-guided model; it needs a prompt file (calib_data.prompts / eval.prompts "
+                         "in params.yaml: one prompt per line)")
+    prompts = read_prompts(prompts_path)
+    tokenizer, encoder = encoder if encoder is not None and encoder[1] is not None else load_text_encoder(fp_dir)
+    if encoder is None:
+        raise FileNotFoundError(f"{fp_dir}: a text-conditioned UNet without tokenizer/ and text_encoder/; expected a "
+                                "whole Stable Diffusion pipeline folder")
+    stop = n if stop is None else stop
+    mine = [prompts[j % len(prompts)] for j in range(start, stop)]
+    used = sorted(set(mine))
+    states = encode_prompts(tokenizer, encoder, used + [""])
+    where = {p: i for i, p in enumerate(used)}
+    return {"encoder_hidden_states": states[torch.tensor([where[p] for p in mine], dtype=torch.long)],
+            "negative_encoder_hidden_states": states[-1:], "prompts": mine}
+
+
+def prompt_labels(prompts: list[str]):
+    """The domain classifier's class each prompt names (``tfmq.diffusion.text.class_of_prompt``), -1 where none."""
+    import torch
+
+    from tfmq.diffusion.data import FASHION_MNIST_CLASSES
+    from tfmq.diffusion.text import class_of_prompt
+
+    found = (class_of_prompt(p, FASHION_MNIST_CLASSES) for p in prompts)
+    return torch.tensor([-1 if c is None else c for c in found], dtype=torch.int64)
+
+
+def _text_kwargs(text: dict | None) -> dict:
+    return {} if text is None else {k: text[k] for k in ("encoder_hidden_states", "negative_encoder_hidden_states")}
+
+
 @pipeline_task
 def calib_data(c, s, fp_dir: str, out_dir: str) -> str:
     """Record the FP sampler's UNet inputs at every step (the set every method selects from); ``c``: calib_data,
     ``s``: sampler. Latent models are calibrated in latent space; a guided model records the (null, conditional)
-    rows of every CFG call at ``sampler.guidance_scale``."""
+    rows of every CFG call at ``sampler.guidance_scale``; a text-guided one samples the prompts of
+    ``calib_data.prompts`` against ``""``."""
     from tfmq.diffusion.calibration import capture_calibration_data
     from tfmq.diffusion.models import load_fp_model
     from tfmq.diffusion.pipelines import read_family
@@ -41,12 +91,13 @@ def calib_data(c, s, fp_dir: str, out_dir: str) -> str:
     family = read_family(fp_dir)
     unet, train_sched = load_fp_model(fp_dir, dev)
     scheduler = make_scheduler(s.name, train_sched.config)
+    text = text_conditioning(fp_dir, c.prompts, c.num_samples, family)
     with timed(COMPUTE_TIMES, "calib_data"):
         calib = capture_calibration_data(
             unet, scheduler, out_dir, num_samples=c.num_samples, num_inference_steps=s.num_inference_steps,
             batch_size=c.batch_size, seed=c.seed, eta=s.eta,
             class_labels=class_labels_for(unet, c.num_samples, family), device=dev, progress=show_progress(),
-            **guidance_kwargs(family, s.guidance_scale))
+            **guidance_kwargs(family, s.guidance_scale), **_text_kwargs(text))
     logger().info("calibration set (%s): %d steps x %d rows -> %s", family.name, calib.num_steps, calib.rows_per_step,
                   out_dir)
     return out_dir
@@ -76,7 +127,8 @@ def calib_shard(fp_dir: str, c: dict, s: dict, start: int, stop: int, out_dir: s
         unet, make_scheduler(s["name"], train_sched.config), out, num_samples=c["num_samples"],
         num_inference_steps=s["num_inference_steps"], batch_size=c["batch_size"], seed=c["seed"], eta=s["eta"],
         class_labels=class_labels_for(unet, c["num_samples"], family), device=device(), progress=False,
-        shard=(start, stop), **guidance_kwargs(family, s["guidance_scale"]))
+        shard=(start, stop), **guidance_kwargs(family, s["guidance_scale"]),
+        **_text_kwargs(text_conditioning(fp_dir, c.get("prompts"), c["num_samples"], family)))
     return str(out)
 
 

@@ -66,7 +66,7 @@ def shard_job(setting: Setting, e, sampler, classifier: str) -> dict[str, Any]:
                              setting.fp_paired_path, setting.model)
     return {"fp_dir": setting.fp_dir, "checkpoint": setting.checkpoint, "num_samples": e.num_samples,
             "e": {"seed": e.seed, "batch_size": e.batch_size, "extractor": e.extractor,
-                  "inception_weights": e.inception_weights},
+                  "inception_weights": e.inception_weights, "prompts": e.prompts},
             "sampler": sampler.model_dump(), "classifier": classifier, "fp_paired": fp_paired, "keep_images": True}
 
 
@@ -119,6 +119,7 @@ def _score_shards(setting: Setting, e, sampler, reference: str, classifier: str,
     family = read_family(setting.fp_dir)
     guide = guidance_kwargs(family, sampler.guidance_scale)
     images, labels = merged.rows.pop("images"), merged.rows.pop("class_labels", None)
+    named = merged.rows.pop("prompt_labels", None)
     domain_logits = merged.rows.pop("domain_logits")
     per = {k: merged.rows.pop(k).numpy() for k in PAIRED_ROWS if k in merged.rows}
     save_grid(images[: e.grid_images].float().div(127.5).sub(1.0), Path(setting.results_dir) / "plots" / "samples.png",
@@ -126,15 +127,32 @@ def _score_shards(setting: Setting, e, sampler, reference: str, classifier: str,
     with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
         scores = scores_from_shards(merged, ReferenceStats.load(reference), num_bootstrap=e.num_bootstrap,
                                     bootstrap_seed=e.seed, progress=show_progress())
-        domain = _domain_from_logits(load_classifier(classifier, device()), domain_logits, labels)
+        domain = _domain_from_logits(load_classifier(classifier, device()), domain_logits, labels, named)
+        clip = _clip(setting, e, images, family)
     features = merged.rows[scores["metrics"]["fid"]["feature"]]
     with timed(times, "paired"), timed(COMPUTE_TIMES, "metrics"):
         paired = paired_against_fp(setting, images, features, labels, per, e)
     times["merge_and_score"] = round(time.perf_counter() - t0, 4)
     logger().info("sampled %d images in %d shard(s), %.1f s of sampling, metrics in %.1f s", len(images), len(paths),
                   times.get("sample", 0.0), times["metrics"])
-    return _jsonable({"scores": scores, "domain": domain, "times": times, "family": family.to_json(),
+    return _jsonable({"scores": scores, "domain": domain, "clip": clip, "times": times, "family": family.to_json(),
                       "guidance_scale": guide["guidance_scale"], "paired": paired, "shards": len(paths)})
+
+
+def _clip(setting: Setting, e, images, family) -> dict[str, Any] | None:
+    """CLIP score of a text-guided row's samples against their prompts, with the local CLIP of ``eval.clip_model``
+    (``None`` for other families; ``available: false`` and the reason when no CLIP folder is named)."""
+    if family.conditioning != "text":
+        return None
+    from tfmq.diffusion.text import read_prompts
+    from tfmq.evaluation.clip_score import clip_score, unavailable
+
+    if e.clip_model is None:
+        return unavailable("eval.clip_model is null (offline default): prompt accuracy of the domain classifier "
+                           "is reported instead; name a local CLIP ViT-B/32 folder for the paper's CLIP score")
+    prompts = read_prompts(e.prompts)
+    return clip_score(images, [prompts[j % len(prompts)] for j in range(images.shape[0])], e.clip_model,
+                      batch_size=e.batch_size, device=device(), progress=show_progress())
 
 
 def paired_against_fp(setting: Setting, images, features, labels, per: dict, e) -> dict[str, Any] | None:
@@ -184,8 +202,9 @@ def _domain_scores(classifier: str, images, labels) -> dict[str, Any] | None:
     return _domain_from_logits(model, predict_logits(model, images, device=device()), labels)
 
 
-def _domain_from_logits(model, logits, labels) -> dict[str, Any]:
-    """``_domain_scores`` from the classifier's logits of the images (``model``: for its recorded test accuracy)."""
+def _domain_from_logits(model, logits, labels, prompt_labels=None) -> dict[str, Any]:
+    """``_domain_scores`` from the classifier's logits of the images (``model``: for its recorded test accuracy);
+    ``prompt_labels``: the class each sample's prompt names (-1: none), for the prompt accuracy of text rows."""
     from tfmq.evaluation.classifier import domain_inception_score_from_logits
 
     s = domain_inception_score_from_logits(logits)
@@ -193,6 +212,11 @@ def _domain_from_logits(model, logits, labels) -> dict[str, Any]:
            "classifier_test_accuracy": getattr(model, "test_accuracy", None)}
     if labels is not None:
         out["class_accuracy"] = float((logits.argmax(1) == labels.cpu().long()).float().mean())
+    if prompt_labels is not None:
+        named = prompt_labels.cpu().long() >= 0
+        out["prompt_accuracy_n"] = int(named.sum())
+        out["prompt_accuracy"] = (float((logits.argmax(1)[named] == prompt_labels.cpu().long()[named]).float().mean())
+                                  if named.any() else None)
     return out
 
 
@@ -208,12 +232,16 @@ def temporal_analysis(setting: Setting, e, sampler) -> dict[str, Any]:
     fp_unet, train_sched = load_unet(setting.fp_dir, None)
     q_unet, _ = load_unet(setting.fp_dir, setting.checkpoint)
     class_label = 0 if getattr(fp_unet.config, "num_class_embeds", None) else None  # one fixed class for every t
+    from tasks.calibration import text_conditioning  # a text-guided model: one fixed prompt (the first of eval.prompts)
+
+    text = text_conditioning(setting.fp_dir, e.prompts, 1)
+    unet_kwargs = None if text is None else {"encoder_hidden_states": text["encoder_hidden_states"].to(device())}
     with timed(COMPUTE_TIMES, "temporal"):
         rep = temporal_report(fp_unet, q_unet, _sampler(sampler, train_sched), sampler.num_inference_steps,
                               Path(results_dir) / "plots", num_samples=e.temporal_samples, seed=e.seed,
                               eta=sampler.eta, class_label=class_label,
                               layer_names=default_activation_layers(fp_unet)[: e.activation_layers],
-                              progress=show_progress())
+                              unet_kwargs=unet_kwargs, progress=show_progress())
     cos, delta, traj = torch.tensor(rep["cos"]), torch.tensor(rep["delta_step"]), rep["trajectory"]
     delta_all = torch.tensor(rep["delta_all_timestep"])
     rows = [{"timestep": t, "step": k, "temporal_cos": float(cos[k].mean()), "temporal_cos_min": float(cos[k].min()),
@@ -256,8 +284,15 @@ def score_fields(scored: dict[str, Any]) -> dict[str, Any]:
                  classifier_test_accuracy=acc)
         if domain.get("class_accuracy") is not None:
             m["class_accuracy"] = domain["class_accuracy"]
+        if "prompt_accuracy" in domain:  # text-guided: the class named in the prompt (never called CLIP score)
+            m.update(prompt_accuracy=domain["prompt_accuracy"], prompt_accuracy_n=domain["prompt_accuracy_n"],
+                     prompt_accuracy_label="prompt accuracy (domain classifier)")
     else:
         m.update(is_mean=m["is_imagenet_mean"], is_std=m["is_imagenet_std"], is_label=det.get("is", {}).get("label"))
+    clip = scored.get("clip")
+    if clip is not None:
+        m.update(clip_score=clip.get("value"), clip_score_std=clip.get("std"), clip_score_label=clip.get("label"),
+                 clip_score_note=None if clip.get("available") else clip.get("reason"))
     m["num_samples"] = sc["n_fake"]
     if scored.get("reconstruction"):  # the autoencoder floor: PSNR of the reconstructions
         m.update(scored["reconstruction"])

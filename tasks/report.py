@@ -76,7 +76,9 @@ def _family(rows) -> dict[str, Any]:
 
 def _summary_table(title: str, models: list[str], per_model: dict, real: dict | None, cols: tuple[str, ...]) -> list[str]:
     """The paper's layout: one column group per model (``cols`` of FID/sFID/IS), rows = methods x bits."""
-    cell = {"FID": _fid_cell, "sFID": lambda m: _fmt(m.get("sfid")), "IS": _is_cell}
+    cell = {"FID": _fid_cell, "sFID": lambda m: _fmt(m.get("sfid")), "IS": _is_cell,
+            "CLIP score": lambda m: _fmt(m.get("clip_score")),
+            "prompt acc. (domain classifier)": lambda m: _fmt(m.get("prompt_accuracy"), 3)}
     head = "| Method | Bits | " + " | ".join(f"{model}: {c}" for model in models for c in cols) + " |"
     lines = [title, "", head, "|---|---|" + "---|" * (len(models) * len(cols))]
     keys: list[tuple[str, str]] = [("real images", "-")]
@@ -115,6 +117,7 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
     uncond = [m for m in grid.models if fams[m].get("conditioning", "none") == "none"]
     cond = [m for m in grid.models if fams[m].get("conditioning") == "class"]
     guided = next((fams[m].get("guidance_scale") for m in cond if fams[m].get("guidance_scale")), None)
+    text = [m for m in grid.models if fams[m].get("conditioning") == "text"]
     lines = [
         "# TFMQ-DM results",
         "",
@@ -124,7 +127,7 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
         f"{ref.get('sampler', '?')} {ref.get('num_inference_steps', '?')} steps, eta {ref.get('eta', '?')}; "
         "FID with a 95 % bootstrap interval, KID x 1e3",
         "- models: " + "; ".join(f"{m} ({fams[m].get('family', '?')}"
-                                  + (f", CFG scale {fams[m].get('guidance_scale')}" if fams[m].get("conditioning") == "class" else "")
+                                  + (f", CFG scale {fams[m].get('guidance_scale')}" if fams[m].get("conditioning") in ("class", "text") else "")
                                   + ")" for m in grid.models),
         "- latent models: only the UNet is quantized; the autoencoder stays in full precision and every metric is "
         "computed on decoded images. Their `autoencoder recon.` row (the real images encoded and decoded) is the "
@@ -146,6 +149,17 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
         scale = f", classifier-free guidance scale {guided}" if guided else ""
         lines += _summary_table(f"## Table 2a: class-conditional generation (IS / FID / sFID{scale})", cond,
                                 per_model, real, ("IS", "FID", "sFID"))
+    if text:
+        tguided = next((fams[m].get("guidance_scale") for m in text if fams[m].get("guidance_scale")), None)
+        with_clip = any(r and r.get("clip_score") is not None for m in text for _, _, r in per_model[m])
+        agree = "CLIP score" if with_clip else "prompt acc. (domain classifier)"
+        lines += _summary_table(f"## Table 2b: text-guided generation (FID / sFID / {agree}"
+                                + (f", classifier-free guidance scale {tguided}" if tguided else "") + ")",
+                                text, per_model, real, ("FID", "sFID", agree))
+        if not with_clip:
+            lines += ["prompt acc. = the share of samples the Fashion-MNIST classifier assigns to the class their "
+                      "prompt names (prompts: eval.prompts, templates the model never trained on); not a CLIP "
+                      "score (no CLIP weights offline: set eval.clip_model to a local CLIP folder for it).", ""]
     table = []
     for model in models:
         fam = fams[model]

@@ -35,7 +35,7 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
     """Samples ``[start, stop)`` of the setting's run -> ``out_dir/shard_<start>_<stop>`` (a ``ShardStats``).
 
     ``e``: ``seed``, ``batch_size``, ``extractor``, ``inception_weights`` (optional ``feature_batch_size``,
-    default ``batch_size``); ``sampler``: ``name``, ``num_inference_steps``, ``eta``, ``guidance_scale``.
+    default ``batch_size``; ``prompts``: the prompt file of a text-guided model, sample j gets line j mod P); ``sampler``: ``name``, ``num_inference_steps``, ``eta``, ``guidance_scale``.
     ``threads``: torch threads of this process (``None``: leave them). Per-sample rows the evaluate stage
     needs: ``keep_images`` (uint8 samples, for grids and the paired file; with them the class labels),
     ``classifier`` (the domain classifier's logits: domain IS, class accuracy), ``fp_paired`` (the FP
@@ -49,7 +49,7 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
     if threads is not None:
         torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tasks.calibration import class_labels_for, guidance_kwargs
+    from tasks.calibration import _text_kwargs, class_labels_for, guidance_kwargs, prompt_labels, text_conditioning
     from tasks.common import device
     from tasks.evaluate import load_model
     from tfmq.diffusion.data import to_uint8
@@ -67,10 +67,12 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
     shape = (num_samples, unet.config.in_channels, size, size)
     sched = make_scheduler(sampler["name"], model.scheduler.config)
     mine = None if labels is None else labels[start:stop]
+    text = text_conditioning(fp_dir, e.get("prompts"), num_samples, model.family, start, stop,
+                             encoder=(model.tokenizer, model.text_encoder))
     x = sample(unet, sched, stop - start, sampler["num_inference_steps"], e["batch_size"], e["seed"],
                eta=sampler.get("eta", 0.0), class_labels=mine, device=device(), progress=progress,
                noise=initial_noise(e["seed"], shape, start, stop), first_index=start,
-               **guidance_kwargs(model.family, sampler.get("guidance_scale", 1.0)))
+               **guidance_kwargs(model.family, sampler.get("guidance_scale", 1.0)), **_text_kwargs(text))
     times["sample"], t0 = time.perf_counter() - t0, time.perf_counter()
     images = to_uint8(model.to_images(x, batch_size=e["batch_size"]))  # decode in the batches it sampled in
     times["decode"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -84,6 +86,8 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
         per_sample["images"] = images
         if mine is not None:
             per_sample["class_labels"] = mine.to(torch.int64)
+        if text is not None:  # the class each prompt names (-1: none): prompt accuracy of the domain classifier
+            per_sample["prompt_labels"] = prompt_labels(text["prompts"])
     if classifier is not None:
         from tfmq.evaluation.classifier import load_classifier, predict_logits
 

@@ -39,3 +39,22 @@ def train_latent(cfg_section, data_path: str, section: str, autoencoder_dir: str
                                 guidance_scale=guidance_scale, device=device(), progress=show_progress())
     logger().info("%s: %d steps, final loss %s -> %s", section, cfg.steps, log.get("final_loss"), out_dir)
     return out_dir
+
+
+@pipeline_task
+def train_text(cfg_section, data_path: str, vae_dir: str, guidance_scale: float) -> str:
+    """Train the text-guided latent UNet (``train_sd``) on the VAE's latents; a StableDiffusionPipeline folder."""
+    from tfmq.diffusion.data import FASHION_MNIST_CLASSES, load_dataset
+    from tfmq.diffusion.training import TrainConfig, train_text_ddpm
+
+    cfg_d = cfg_section.model_dump()
+    out_dir = cfg_d.pop("out_dir")
+    dropout, text_encoder = cfg_d.pop("prompt_dropout"), cfg_d.pop("text_encoder")
+    cfg = TrainConfig(**cfg_d)
+    d = load_dataset(data_path)
+    with timed(COMPUTE_TIMES, "train_sd"):
+        log = train_text_ddpm(d["train_images"], d["train_labels"], cfg, vae_dir, out_dir, FASHION_MNIST_CLASSES,
+                              prompt_dropout=dropout, text_encoder=text_encoder, guidance_scale=guidance_scale,
+                              device=device(), progress=show_progress())
+    logger().info("train_sd: %d steps, final loss %s -> %s", cfg.steps, log.get("final_loss"), out_dir)
+    return out_dir

@@ -2,7 +2,8 @@
 
 The micro config keeps every stage real (the same flows, tasks and library calls as the default
 run) but tiny: a 28x28 UNet with (8, 16, 16) channels trained 2 steps, a VQ autoencoder of 8 channels
-and two latent UNets of the same size (LDMPipeline folders), a 4-step DDIM sampler, 2 reconstruction
+and two latent UNets of the same size (LDMPipeline folders), a KL autoencoder of 8 channels and a text-guided
+UNet of the same size with a 1-layer text encoder (a StableDiffusionPipeline folder), a 4-step DDIM sampler, 2 reconstruction
 iterations, 16 evaluation samples.
 """
 from __future__ import annotations
@@ -59,6 +60,11 @@ def micro_params(data_root: Path, mlflow_uri: str, methods: list[str], bits: lis
         p[sec].update(steps=2, batch_size=8, warmup_steps=1, unet={**p[sec]["unet"], **tiny_unet}, log_every=1,
                       sample_every=0, num_sample_images=4, sample_steps=2)
     p["autoencoder"].update(block_out_channels=[8, 8, 8], num_vq_embeddings=16, steps=2, batch_size=8)
+    p["vae"].update(block_out_channels=[8, 8, 8], steps=2, batch_size=8)
+    p["train_sd"].update(steps=2, batch_size=8, warmup_steps=1, log_every=1, sample_every=0, num_sample_images=4,
+                         sample_steps=2, unet={"block_out_channels": [8, 16, 16], "norm_num_groups": 8,
+                                               "attention_head_dim": 2},
+                         text_encoder={"hidden_size": 16, "num_layers": 1, "num_heads": 2})
     p["classifier"].update(epochs=1, batch_size=32)
     p["sampler"].update(num_inference_steps=4)
     p["calib_data"].update(num_samples=8, batch_size=8)
@@ -86,6 +92,7 @@ def make_workspace(dest: Path, params: dict[str, Any]) -> Path:
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(REPO / "prompts", dest / "prompts")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 

@@ -102,12 +102,14 @@ def test_check_success_prints_what_the_run_uses(capsys):
     assert main(["check"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "params.yaml: OK"
-    assert out[1:3] == ["model fashion_ldm: models/fashion_ldm (latent, UNet2DModel)",
-                        "model fashion_ldm_class: models/fashion_ldm_class (latent-class, UNet2DModel)"]
-    assert out[4] == "extractor: efficientnet-lite0-112"
-    assert out[5].startswith("settings: 38 (fashion_ldm/naive-W8A8, fashion_ldm/freeze-W8A8,")  # 24 grid + 14 studies
-    assert "fashion_ldm_class/tfmq-W4A8, fashion_ldm/brecq-W8A8," in out[5]
-    assert out[5].endswith("fashion_ldm/tfmq-nofsc-W4A6)")
+    assert out[1:4] == ["model fashion_ldm: models/fashion_ldm (latent, UNet2DModel)",
+                        "model fashion_ldm_class: models/fashion_ldm_class (latent-class, UNet2DModel)",
+                        "model fashion_sd: models/fashion_sd (latent-text, UNet2DConditionModel)"]
+    assert out[5] == "extractor: efficientnet-lite0-112"
+    assert out[6].startswith("settings: 50 (fashion_ldm/naive-W8A8, fashion_ldm/freeze-W8A8,")  # 36 grid + 14 studies
+    assert "fashion_ldm_class/tfmq-W4A8, fashion_sd/naive-W8A8," in out[6]
+    assert "fashion_sd/tfmq-W4A8, fashion_ldm/brecq-W8A8," in out[6]
+    assert out[6].endswith("fashion_ldm/tfmq-nofsc-W4A6)")
 
 
 # --- a truncated or foreign checkpoint ----------------------------------------------------------

@@ -62,7 +62,8 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-MODELS = ("fashion_ddpm", "fashion_ldm", "fashion_ldm_class")  # pixel, latent, class-conditional latent (CFG)
+MODELS = ("fashion_ddpm", "fashion_ldm", "fashion_ldm_class", "fashion_sd")  # pixel, latent, class-conditional latent
+# (CFG), text-guided latent (a StableDiffusionPipeline folder, CFG against the "" prompt)
 
 
 def _metrics(ws: Path, model: str, name: str) -> dict:
@@ -97,9 +98,9 @@ def test_compare_flow_writes_every_output(compared):
     # the family is read from each folder; the latent rows carry their FP autoencoder and its floor
     fams = {model: _metrics(ws, model, "tfmq-W4A8") for model in MODELS}
     assert [(f["family"], f["guidance_scale"]) for f in fams.values()] == [("pixel", 1.0), ("latent", 1.0),
-                                                                          ("latent-class", 3.0)]
+                                                                          ("latent-class", 3.0), ("latent-text", 3.0)]
     assert fams["fashion_ddpm"]["autoencoder"] is None and "never quantized" in fams["fashion_ldm"]["autoencoder"]
-    for model in ("fashion_ldm", "fashion_ldm_class"):
+    for model in ("fashion_ldm", "fashion_ldm_class", "fashion_sd"):
         floor = _metrics(ws, model, "fp")["autoencoder_floor"]
         assert _finite(floor["fid"]) and floor["num_samples"] == 16 and 0 < floor["psnr_db"] < 60
         assert floor["psnr_ci_low"] < floor["psnr_db"] < floor["psnr_ci_high"]
@@ -110,6 +111,20 @@ def test_compare_flow_writes_every_output(compared):
     meta = json.loads((ws / "calib" / "fashion_ldm_class" / "meta.json").read_text())
     assert (meta["cfg"], meta["null_class_label"], meta["guidance_scale"], meta["rows_per_step"]) == (True, 10, 3.0, 16)
     assert json.loads((ws / "calib" / "fashion_ldm" / "meta.json").read_text())["cfg"] is False
+    # text-guided: the calibration prompts against "", the evaluation prompts' classes scored by the domain classifier
+    meta = json.loads((ws / "calib" / "fashion_sd" / "meta.json").read_text())
+    assert (meta["cfg"], meta["conditioning"], meta["guidance_scale"], meta["rows_per_step"]) == (True, "text", 3.0, 16)
+    for name in ("fp", "tfmq-W4A8"):
+        m = _metrics(ws, "fashion_sd", name)
+        assert m["prompt_accuracy_n"] == 16 and 0 <= m["prompt_accuracy"] <= 1
+        assert m["prompt_accuracy_label"] == "prompt accuracy (domain classifier)" and m["clip_score"] is None
+        assert "eval.clip_model is null" in m["clip_score_note"] and "class_accuracy" not in m
+    table = (ws / "results" / "results.md").read_text()
+    rows = table_rows(table, "## Table 2b: text-guided generation (FID / sFID / prompt acc. (domain classifier)")
+    assert [r[:2] for r in rows] == [["real images", "-"], ["autoencoder recon.", "FP"], ["FP", "W32A32"],
+                                     ["naive", "W4A8"], ["tfmq", "W4A8"]]
+    fp = _metrics(ws, "fashion_sd", "fp")
+    assert rows[2][4] == f"{fp['prompt_accuracy']:.3f}" and rows[0][4] == "n/a"
 
 
 

@@ -31,7 +31,7 @@ def test_committed_params_validate():
     params = load_params(REPO / "params.yaml")
     assert params.grid.methods == ["naive", "freeze", "ptq4dm", "qdiffusion", "ptqd", "tfmq"]
     assert params.grid.bits == ["W8A8", "W4A8"]
-    assert params.grid.models == ["fashion_ldm", "fashion_ldm_class"]  # the paper's families; pixel: full profile
+    assert params.grid.models == ["fashion_ldm", "fashion_ldm_class", "fashion_sd"]  # the paper's three families; pixel: full profile
     assert params.model.fp_dir == "models/fashion_ldm" and params.sampler.guidance_scale == 3.0
     assert params.studies.model == "fashion_ldm" and {"brecq-W4A8", "tfmq-notiar-W4A8", "qdiffusion-eq-W4A8",
                                                       "tfmq-W4A6"} <= set(params.studies.settings)
@@ -285,7 +285,7 @@ def test_setting_carries_the_config_the_stages_used_to_build():
     n = len(params.grid.methods)
     assert [(g.model, g.name) for g in grid[: n + 1]] == [("fashion_ldm", f"{m}-W8A8") for m in params.grid.methods] + [
         ("fashion_ldm", f"{params.grid.methods[0]}-W4A8")]
-    assert len(grid) == 4 * n and [g.model for g in grid[2 * n::2 * n]] == ["fashion_ldm_class"]
+    assert len(grid) == 6 * n and [g.model for g in grid[2 * n::2 * n]] == ["fashion_ldm_class", "fashion_sd"]
     study = study_setting(params, "tfmq-notiar-W4A8")
     assert (study.model, study.name, study.method, study.bits, study.config.tiar, study.config.fsc) == (
         "fashion_ldm", "tfmq-notiar-W4A8", "tfmq", "W4A8", False, True)

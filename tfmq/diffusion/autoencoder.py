@@ -117,7 +117,8 @@ def crop_images(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
 
 @torch.no_grad()
 def encode(vqvae: VQModel, images: torch.Tensor, batch_size: int = 256, pad_to: int | None = None) -> torch.Tensor:
-    """Diffusion latents ``z = encode(x).latents * scaling_factor`` of images in [-1, 1] (padded first if asked).
+    """Diffusion latents ``z = encode(x).latents * scaling_factor`` of images in [-1, 1] (padded first if asked);
+    for an ``AutoencoderKL`` (``tfmq.diffusion.vae``) the posterior's mode in place of ``latents``.
 
     Returns float32 [N, latent_channels, H/f, W/f] on CPU (``f`` the downsampling factor).
     """
@@ -128,7 +129,9 @@ def encode(vqvae: VQModel, images: torch.Tensor, batch_size: int = 256, pad_to: 
         x = images[lo:lo + batch_size].to(dev, torch.float32)
         if pad_to is not None:
             x = pad_images(x, pad_to)
-        out.append((vqvae.encode(x).latents * scale).float().cpu())
+        enc = vqvae.encode(x)  # VQModel: .latents; AutoencoderKL: the posterior, whose mode is the latent
+        h = enc.latents if hasattr(enc, "latents") else enc.latent_dist.mode()
+        out.append((h * scale).float().cpu())
     return torch.cat(out)
 
 

@@ -30,6 +30,21 @@ EMBEDDED_UNET_CONFIG: dict[str, Any] = {
 }
 _UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
+#: The embedded text-guided UNet (Stable Diffusion's layout in miniature): 4x8x8 latents, cross-attention
+#: transformer blocks at 4x4 and 2x2 and in the mid block, attending to the text encoder's 64-dim states.
+EMBEDDED_TEXT_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64, 64),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
 
 def build_unet(cfg: dict[str, Any] | None = None, *, seed: int | None = None) -> UNet2DModel:
     """Build a freshly initialised ``UNet2DModel``: the embedded default, overridden by ``cfg``.
@@ -57,6 +72,24 @@ def build_unet(cfg: dict[str, Any] | None = None, *, seed: int | None = None) ->
     if seed is not None:
         torch.manual_seed(seed)
     return UNet2DModel(**merged)
+
+
+def build_text_unet(cfg: dict[str, Any] | None = None, *, seed: int | None = None):
+    """A freshly initialised ``UNet2DConditionModel``: :data:`EMBEDDED_TEXT_UNET_CONFIG` overridden by ``cfg``
+    (unknown keys rejected, like :func:`build_unet`)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(cfg or {})
+    allowed = set(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ValueError(f"build_text_unet got unknown UNet2DConditionModel keys {unknown}; allowed keys: {sorted(allowed)}")
+    merged = {**EMBEDDED_TEXT_UNET_CONFIG, **cfg}
+    for k in ("block_out_channels", "down_block_types", "up_block_types"):
+        merged[k] = tuple(merged[k])
+    if seed is not None:
+        torch.manual_seed(seed)
+    return UNet2DConditionModel(**merged)
 
 
 def _read_class_name(config_path: Path, allowed: tuple[str, ...] | None = None) -> str:

@@ -133,3 +133,29 @@ def class_of_prompt(prompt: str, class_names: list[str] | tuple[str, ...]) -> in
         if re.search(rf"(?<![\w-]){re.escape(class_phrase(class_names[c]))}(?![\w-])", text):
             return c
     return None
+
+
+def build_text_encoder(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
+                       intermediate_size: int | None = None, seed: int = 0):
+    """A freshly initialised ``transformers.CLIPTextModel`` for ``tokenizer`` (its vocabulary, its padded length,
+    its end-of-text id: the pooled output is taken there, as in CLIP), seeded; eval mode, no grads.
+
+    The embedded text-guided default keeps it frozen at this initialisation while its UNet trains, as Stable
+    Diffusion keeps its (pretrained) CLIP text encoder frozen: no pretrained text encoder exists offline,
+    and a fixed random encoder still maps each prompt to distinct, deterministic states that the UNet's
+    cross-attention learns to read (docs/method.md section 10).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, intermediate_size=intermediate_size or 4 * hidden_size,
+                         max_position_embeddings=tokenizer.model_max_length, projection_dim=hidden_size,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return CLIPTextModel(cfg).eval().requires_grad_(False)
+
+
+def caption_corpus(class_names, templates=TRAIN_TEMPLATES + HELDOUT_TEMPLATES) -> list[str]:
+    """Every caption the templates make of the class names (the tokenizer's corpus), in template-major order."""
+    return [t.format(class_phrase(c)) for t in templates for c in class_names]

@@ -130,6 +130,17 @@ def _write_grid(unet: torch.nn.Module, noise_sched: DDPMScheduler, cfg: TrainCon
     save_grid(images if decode_fn is None else decode_fn(images), path, nrow=8, scale=2)
 
 
+def _write_text_grid(unet, noise_sched, cfg: TrainConfig, path: Path, device: str, text: dict[str, Any],
+                     decode_fn=None, guidance_scale: float = 1.0) -> None:
+    """Row r of the 8-wide grid: 8 samples of ``text["grid_prompts"][r]``, guided against the "" prompt."""
+    ehs = text["grid_embeds"].repeat_interleave(8, dim=0)
+    ddim = make_scheduler("ddim", noise_sched.config)
+    z = sample(unet, ddim, ehs.shape[0], cfg.sample_steps, batch_size=ehs.shape[0], seed=cfg.seed, device=device,
+               progress=False, encoder_hidden_states=ehs, negative_encoder_hidden_states=text["embeds"][-1:],
+               guidance_scale=guidance_scale)
+    save_grid(decode_fn(z), path, nrow=8, scale=2)
+
+
 def _checked_labels(cfg: TrainConfig, train_labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
     if not cfg.class_conditional:
         return None
@@ -220,6 +231,71 @@ def train_latent_ddpm(
                   decode_fn=lambda z: decode(vqvae, z, crop=crop), ldm=ldm)
 
 
+def train_text_ddpm(
+    train_images_uint8: torch.Tensor,
+    train_labels: torch.Tensor,
+    cfg: TrainConfig,
+    vae_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    class_names: tuple[str, ...] | list[str],
+    prompt_dropout: float = 0.1,
+    text_encoder: dict[str, int] | None = None,
+    guidance_scale: float = 1.0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the text-guided latent UNet (the Stable Diffusion analogue) on the latents of a trained ``AutoencoderKL``.
+
+    Every training image gets a caption (``tfmq.diffusion.text.captions``: a training template filled with its
+    class phrase); a ``CLIPTokenizer`` is learned from the caption corpus (training and held-out templates, so
+    evaluation prompts tokenize to whole words) and a seeded ``CLIPTextModel`` (``text_encoder``: hidden_size,
+    num_layers, num_heads) encodes them, frozen as in Stable Diffusion. The ``UNet2DConditionModel``
+    (:data:`tfmq.diffusion.models.EMBEDDED_TEXT_UNET_CONFIG` + ``cfg.unet``) learns epsilon-prediction with
+    ``prompt_dropout`` of its captions replaced by ``""`` (the null prompt classifier-free guidance needs).
+    ``out_dir`` becomes a ``StableDiffusionPipeline`` folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``
+    (PNDM), ``model_index.json``, no safety checker) + ``tfmq.json``, ``train_log.json``, ``samples.png``
+    (row r: the prompt ``"a photo of a <class r>"``, guided at ``guidance_scale``).
+    """
+    from diffusers import AutoencoderKL
+
+    from tfmq.diffusion.autoencoder import decode, encode
+    from tfmq.diffusion.pipelines import encode_prompts
+    from tfmq.diffusion.text import build_clip_tokenizer, build_text_encoder, caption_corpus, captions, class_phrase
+
+    if not 0.0 < prompt_dropout < 1.0:
+        raise ValueError(f"prompt_dropout={prompt_dropout} must be in (0, 1), e.g. 0.1: guidance needs the '' prompt")
+    images = _uint8_images(train_images_uint8)
+    if train_labels is None or train_labels.shape != (images.shape[0],):
+        raise ValueError("text-guided training needs train_labels (they name each caption's class)")
+    sub = Path(vae_dir) / "vae"
+    if not (sub / "config.json").is_file():
+        raise FileNotFoundError(f"no autoencoder at {sub} (expected an AutoencoderKL save_pretrained folder); "
+                                "train it first (the train_vae stage)")
+    vae = AutoencoderKL.from_pretrained(sub, local_files_only=True).to(device).eval().requires_grad_(False)
+    latents = encode(vae, to_model_range(images), pad_to=int(vae.config.sample_size))
+    crop = tuple(int(v) for v in images.shape[-2:])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer = build_clip_tokenizer(caption_corpus(class_names), tok_dir)
+    te = dict(text_encoder or {})
+    encoder = build_text_encoder(tokenizer, hidden_size=int(te.get("hidden_size", 64)),
+                                 num_layers=int(te.get("num_layers", 2)), num_heads=int(te.get("num_heads", 2)),
+                                 seed=cfg.seed).to(device)
+    caps = captions(class_names, train_labels, seed=cfg.seed)
+    unique = sorted(set(caps))
+    where = {c: i for i, c in enumerate(unique)}
+    embeds = encode_prompts(tokenizer, encoder, unique + [""])  # [U + 1, L, D]; the last row: the null prompt
+    grid_prompts = [f"a photo of a {class_phrase(c)}" for c in class_names]
+    text = {"embeds": embeds, "caption_index": torch.tensor([where[c] for c in caps]), "prompt_dropout": prompt_dropout,
+            "tokenizer": tokenizer, "text_encoder": encoder.cpu(), "grid_prompts": grid_prompts,
+            "grid_embeds": encode_prompts(tokenizer, encoder, grid_prompts)}
+    ldm = {"vqvae": vae, "image_size": crop, "guidance_scale": guidance_scale,
+           "latent_std": float(latents.double().std()), "text": text}
+    return _train(lambda idx: latents[idx], tuple(latents.shape), None, cfg, out_dir, device, progress,
+                  decode_fn=lambda z: decode(vae, z, crop=crop), ldm=ldm)
+
+
 def _train(batch_fn: Callable[[torch.Tensor], torch.Tensor], data_shape: tuple[int, ...],
            train_labels: torch.Tensor | None, cfg: TrainConfig, out_dir: str | os.PathLike, device: str,
            progress: bool, decode_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -228,8 +304,15 @@ def _train(batch_fn: Callable[[torch.Tensor], torch.Tensor], data_shape: tuple[i
     n, c, h, w = data_shape
     if h != w:
         raise ValueError(f"training data of {h}x{w}: the UNet's sample_size needs square inputs")
-    unet = build_unet({"sample_size": h, "in_channels": c, "out_channels": c, **cfg.unet_config()},
-                      seed=cfg.seed).to(device).train()
+    text = (ldm or {}).get("text")
+    shape_cfg = {"sample_size": h, "in_channels": c, "out_channels": c}
+    if text is not None:
+        from tfmq.diffusion.models import build_text_unet
+
+        unet = build_text_unet({**shape_cfg, "cross_attention_dim": int(text["embeds"].shape[-1]), **cfg.unet},
+                               seed=cfg.seed).to(device).train()
+    else:
+        unet = build_unet({**shape_cfg, **cfg.unet_config()}, seed=cfg.seed).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     # latents are not bounded to [-1, 1] like pixels: no x0 clipping in their samplers (LDM's own setting)
     noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
@@ -242,6 +325,12 @@ def _train(batch_fn: Callable[[torch.Tensor], torch.Tensor], data_shape: tuple[i
     n_params = sum(p.numel() for p in params)
     null = cfg.null_class_label
     grid_kw = {"decode_fn": decode_fn, "guidance_scale": (ldm or {}).get("guidance_scale", 1.0)}
+
+    def grid(model: torch.nn.Module, path: Path) -> None:
+        if text is not None:
+            _write_text_grid(model, noise_sched, cfg, path, device, text, **grid_kw)
+        else:
+            _write_grid(model, noise_sched, cfg, path, device, **grid_kw)
 
     curve, window, all_losses = [], [], []
     with atomic_dir(out_dir) as tmp:
@@ -258,7 +347,14 @@ def _train(batch_fn: Callable[[torch.Tensor], torch.Tensor], data_shape: tuple[i
                 drop = torch.rand(cfg.batch_size, generator=gen) < cfg.class_dropout
                 labels = torch.where(drop, torch.full_like(labels, null), labels)
             labels = labels.to(device) if labels is not None else None
-            loss = F.mse_loss(unet(xt, t.to(device), class_labels=labels).sample, noise)
+            if text is not None:  # the caption's frozen text-encoder states; prompt dropout: the "" prompt (CFG)
+                ci = text["caption_index"][idx]
+                drop = torch.rand(cfg.batch_size, generator=gen) < text["prompt_dropout"]
+                ci = torch.where(drop, torch.full_like(ci, text["embeds"].shape[0] - 1), ci)
+                cond = {"encoder_hidden_states": text["embeds"][ci].to(device)}
+            else:
+                cond = {"class_labels": labels}
+            loss = F.mse_loss(unet(xt, t.to(device), **cond).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -283,11 +379,20 @@ def _train(batch_fn: Callable[[torch.Tensor], torch.Tensor], data_shape: tuple[i
                 if progress:
                     tqdm.write(f"step {step}/{cfg.steps} loss {point['loss']:.4f} wall {point['wall_s']:.0f}s")
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                _write_grid(ema, noise_sched, cfg, tmp / "progress" / f"samples_step{step:06d}.png", device, **grid_kw)
+                grid(ema, tmp / "progress" / f"samples_step{step:06d}.png")
         train_wall = time.perf_counter() - t0
         bar.close()
 
-        if ldm is None:
+        if text is not None:
+            from diffusers import PNDMScheduler
+
+            from tfmq.diffusion.pipelines import save_sd_pipeline
+
+            plms = PNDMScheduler.from_config(noise_sched.config, skip_prk_steps=True, steps_offset=1,  # SD v1.x ships
+                                             set_alpha_to_one=False)  # PLMS with these settings
+            save_sd_pipeline(tmp, ema, ldm["vqvae"], text["text_encoder"], text["tokenizer"], plms,
+                             image_size=ldm["image_size"])
+        elif ldm is None:
             ema.save_pretrained(tmp / "unet", safe_serialization=True)
             noise_sched.save_pretrained(tmp / "scheduler")
         else:
@@ -298,7 +403,7 @@ def _train(batch_fn: Callable[[torch.Tensor], torch.Tensor], data_shape: tuple[i
         if cfg.save_raw_weights:
             unet.save_pretrained(tmp / "unet_raw", safe_serialization=True)
         t1 = time.perf_counter()
-        _write_grid(ema, noise_sched, cfg, tmp / "samples.png", device, **grid_kw)
+        grid(ema, tmp / "samples.png")
         tail = all_losses[-min(100, len(all_losses)):]
         log = {
             "config": dataclasses.asdict(cfg),
@@ -317,9 +422,13 @@ def _train(batch_fn: Callable[[torch.Tensor], torch.Tensor], data_shape: tuple[i
             "diffusers_version": diffusers.__version__,
             "weights": "EMA",
         }
+        if text is not None:
+            log.update(conditioning="text", prompt_dropout=text["prompt_dropout"], grid_prompts=text["grid_prompts"],
+                       num_captions=int(text["embeds"].shape[0] - 1), text_encoder="frozen at its seeded initialisation",
+                       text_encoder_params=sum(p.numel() for p in text["text_encoder"].parameters()))
         if ldm is not None:
             log.update(space="latent", latent_shape=[c, h, w], latent_std=ldm["latent_std"],
-                       grid_guidance_scale=grid_kw["guidance_scale"] if null is not None else 1.0,
+                       grid_guidance_scale=grid_kw["guidance_scale"] if (null is not None or text is not None) else 1.0,
                        null_class_label=null)
         atomic_write_json(log, tmp / "train_log.json")
     return log

@@ -41,7 +41,7 @@ def clip_score(
     from tqdm.auto import tqdm
 
     if clip_dir is None:
-        return unavailable("no CLIP model directory configured (set evaluation.clip_dir to a local CLIP ViT-B/32)")
+        return unavailable("no CLIP model directory configured (set eval.clip_model to a local CLIP ViT-B/32 folder)")
     clip_dir = Path(clip_dir)
     if not (clip_dir / "config.json").is_file():
         return unavailable(f"CLIP directory {clip_dir} has no config.json (expected a save_pretrained layout)")

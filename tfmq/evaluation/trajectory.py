@@ -47,8 +47,15 @@ def _prepare(unet, scheduler, num_inference_steps, num_samples, seed):
     return scheduler, x * scheduler.init_noise_sigma
 
 
+def broadcast_kwargs(unet_kwargs: dict | None, batch: int) -> dict:
+    """``unet_kwargs`` with every one-row tensor (e.g. one prompt's ``encoder_hidden_states`` [1, L, D]) expanded to
+    ``batch`` rows; other values unchanged."""
+    return {k: v.expand(batch, *v.shape[1:]) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 1 and batch != 1
+            else v for k, v in (unet_kwargs or {}).items()}
+
+
 def _eps(unet, scheduler, x, t, class_labels, unet_kwargs):
-    kw = dict(unet_kwargs or {})
+    kw = broadcast_kwargs(unet_kwargs, x.shape[0])
     if class_labels is not None:
         kw["class_labels"] = class_labels
     return unet(scheduler.scale_model_input(x, t), t, return_dict=False, **kw)[0]
