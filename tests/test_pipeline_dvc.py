@@ -24,6 +24,8 @@ STAGE_ENTRIES = {
     "train_autoencoder": ["tasks/autoencoder.py"],
     "train_ldm": ["tasks/train.py"],
     "train_ldm_class": ["tasks/train.py"],
+    "train_vae": ["tasks/vae.py"],
+    "train_sd": ["tasks/train.py"],
     "train_classifier": ["tasks/classifier.py"],
     "reference_stats": ["tasks/reference.py"],
     "calib_data": ["tasks/calibration.py"],
