@@ -314,3 +314,24 @@ def test_bash_blocks(mode):
             fn(argv)
             done += 1
     assert done >= (3 if mode == "run" else 15)
+
+
+def test_params_yaml_blocks_validate(tmp_path):
+    """Every (indented) ```yaml block of the README is a params.yaml fragment: merged into the committed
+    params.yaml, the result passes the strict schema (a renamed or mistyped key fails here)."""
+    from flows.params import load_params
+
+    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", README.read_text(), flags=re.S | re.M)
+    assert blocks, "the README's Stable Diffusion protocol block is gone"
+
+    def merge(base: dict, over: dict) -> dict:
+        for k, v in over.items():
+            base[k] = merge(dict(base[k]), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return base
+
+    for indent, body in blocks:
+        fragment = yaml.safe_load("\n".join(line[len(indent):] for line in body.splitlines()))
+        params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), fragment)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        p = load_params(tmp_path / "params.yaml")
+        assert p.sampler.name == "pndm" and p.quant["recon"]["iters"] == 20000 and p.eval.clip_model is not None
