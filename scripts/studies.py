@@ -2,8 +2,10 @@
 
     python scripts/studies.py iterations [300 1000]   # W4A8 freeze / qdiffusion / tfmq at these recon.iters (100 = the grid)
     python scripts/studies.py seeds [1 2]             # W4A8 freeze / qdiffusion / tfmq at these quant.seed (0 = the grid)
+    python scripts/studies.py stress                  # activation stress: W4A6 / W8A4 / W4A4 (naive, qdiffusion, tfmq; W4A6 also
+                                                      # freeze and tfmq without FSC), paired against tfmq at the same bits
     python scripts/studies.py plot         # results/studies/iterations.png from the collected rows
-    python scripts/studies.py table seeds  # the rows as a Markdown table (mean and spread per method for seeds)
+    python scripts/studies.py table seeds  # the rows as a Markdown table (mean and spread per method for seeds; stress too)
 
 Each point is one `dvc exp run -S ... run_exp` on `model.name` (its command is stored with the row);
 after it, the row gets the metrics of `results/metrics/<model>/exp.json` and the fraction of weights
@@ -25,6 +27,9 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("freeze", "qdiffusion", "tfmq")
 ITERS = (300, 1000)
 SEEDS = (1, 2)
+#: the activation-stress points: (setting name, method, bits, extra quant keys); the paired base is tfmq at the same bits
+STRESS = [(f"{m}-{b}", m, b, {}) for b in ("W4A6", "W8A4", "W4A4") for m in ("naive", "qdiffusion", "tfmq")] + [
+    ("freeze-W4A6", "freeze", "W4A6", {}), ("tfmq-nofsc-W4A6", "tfmq", "W4A6", {"fsc": "false"})]
 KEYS = ("fid", "fid_ci_low", "fid_ci_high", "kid_mean", "psnr_vs_fp", "psnr_vs_fp_ci_low", "psnr_vs_fp_ci_high",
         "ssim_vs_fp", "fid_vs_fp", "temporal_cos_mean", "quant_time_total_s", "quant_time_recon_blocks_s")
 
@@ -133,6 +138,78 @@ def _run(study: str, values: tuple[int, ...] | None, grid_params: str) -> Path:
     return _save(study, rows)
 
 
+def stress() -> Path:
+    """Run the ``STRESS`` points (each a ``dvc exp run ... run_exp``), keep each one's metrics and paired file under
+    ``results/studies/stress/`` (the paired files are not committed), then compare each point with tfmq at the same
+    bits on the same samples (``tasks.claims.PairedData``: FID / KID / PSNR differences, bootstrap intervals)."""
+    import shutil
+
+    grid_params = (ROOT / "params.yaml").read_text()
+    p = _params()
+    model, out_dir = p["model"]["name"], p["eval"]["out_dir"]
+    root = ROOT / "results" / "studies" / "stress"
+    out = ROOT / "results" / "studies" / "stress.json"
+    data = json.loads(out.read_text()) if out.is_file() else {"study": "stress", "rows": []}
+    done = {r["setting"] for r in data["rows"]}
+    try:
+        for name, method, bits, extra in STRESS:
+            if name in done and (root / "paired" / model / f"{name}.safetensors").is_file():
+                continue
+            w, a = bits[1:].split("A")
+            sets = [f"quant.method={method}", f"quant.weight_bits={w}", f"quant.act_bits={a}",
+                    *(f"quant.{k}={v}" for k, v in extra.items())]
+            cmd = [sys.executable, "-m", "dvc", "exp", "run", *[x for s_ in sets for x in ("-S", s_)], "run_exp"]
+            print(" ".join(cmd[2:]), flush=True)
+            t0 = time.perf_counter()
+            subprocess.run(cmd, cwd=ROOT, check=True)
+            (ROOT / "params.yaml").write_text(grid_params)
+            for sub, suffix in (("metrics", ".json"), ("paired", ".safetensors")):
+                (root / sub / model).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / out_dir / sub / model / f"exp{suffix}", root / sub / model / f"{name}{suffix}")
+            m = json.loads((root / "metrics" / model / f"{name}.json").read_text())
+            data["rows"] = [r for r in data["rows"] if r["setting"] != name] + [
+                {"setting": name, "method": method, "bits": bits, **{k: m.get(k) for k in KEYS},
+                 "command": "dvc " + " ".join(cmd[3:]), "wall_s": round(time.perf_counter() - t0, 1)}]
+            _save_stress(out, data)
+    finally:
+        (ROOT / "params.yaml").write_text(grid_params)
+    from tasks.claims import PairedData
+    from tfmq.evaluation.extractors import get_extractor_spec
+
+    ref = Path(p["reference"]["dir"]) / f"{p['reference']['split']}_{get_extractor_spec(p['eval']['extractor']).name}.safetensors"
+    pd = PairedData(str(root), str(ROOT / ref), p["report"]["num_bootstrap"], p["eval"]["seed"])
+    comps = []
+    for name, method, bits, extra in STRESS:
+        base = "tfmq-W4A6" if name == "tfmq-nofsc-W4A6" else f"tfmq-{bits}"
+        if name != base and pd.metrics(model, name) and pd.metrics(model, base):
+            comps.append(pd.compare(model, name, base))
+    data["comparisons"] = comps
+    return _save_stress(out, data)
+
+
+def _save_stress(out: Path, data: dict) -> Path:
+    from tfmq.io import atomic_write_json
+
+    atomic_write_json(data, out)
+    return out
+
+
+def stress_table() -> str:
+    """Markdown of ``results/studies/stress.json``: each point, and its paired difference against tfmq at its bits."""
+    data = json.loads((ROOT / "results" / "studies" / "stress.json").read_text())
+    comps = {c["a"]: c for c in data.get("comparisons", [])}
+    order = {name: i for i, (name, *_) in enumerate(sorted(STRESS, key=lambda t: (t[2], t[0])))}
+    out = ["| setting | FID [95 % CI] | PSNR vs FP (dB) | ΔFID vs tfmq, same bits [95 % CI] | ΔPSNR (dB) [95 % CI] | "
+           "verdict (FID) |", "|---|---|---|---|---|---|"]
+    for r in sorted(data["rows"], key=lambda r: order.get(r["setting"], 99)):
+        c = comps.get(r["setting"])
+        d = "-" if c is None else f"{c['fid']['diff']:+.1f} [{c['fid']['ci'][0]:+.1f}, {c['fid']['ci'][1]:+.1f}]"
+        q = "-" if c is None else f"{c['psnr']['diff']:+.2f} [{c['psnr']['ci'][0]:+.2f}, {c['psnr']['ci'][1]:+.2f}]"
+        out.append(f"| {r['setting']} | {r['fid']:.1f} [{r['fid_ci_low']:.1f}, {r['fid_ci_high']:.1f}] | "
+                   f"{r['psnr_vs_fp']:.2f} | {d} | {q} | {'-' if c is None else c['fid']['verdict']} |")
+    return "\n".join(out)
+
+
 def plot() -> Path:
     import matplotlib
 
@@ -186,11 +263,14 @@ def table(study: str) -> str:
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what not in ("iterations", "seeds", "plot", "table"):
-        print("usage: python scripts/studies.py iterations|seeds [values...] | plot | table iterations|seeds",
+    if what not in ("iterations", "seeds", "stress", "plot", "table"):
+        print("usage: python scripts/studies.py iterations|seeds [values...] | stress | plot | table iterations|seeds|stress",
               file=sys.stderr)
         sys.exit(2)
-    if what == "table":
-        print(table(sys.argv[2] if len(sys.argv) > 2 else "seeds"))
+    if what == "stress":
+        print(stress())
+    elif what == "table":
+        which = sys.argv[2] if len(sys.argv) > 2 else "seeds"
+        print(stress_table() if which == "stress" else table(which))
     else:
         print(plot() if what == "plot" else run(what, tuple(int(v) for v in sys.argv[2:]) or None))

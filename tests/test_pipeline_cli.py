@@ -106,10 +106,10 @@ def test_check_success_prints_what_the_run_uses(capsys):
                         "model fashion_ldm_class: models/fashion_ldm_class (latent-class, UNet2DModel)",
                         "model fashion_sd: models/fashion_sd (latent-text, UNet2DConditionModel)"]
     assert out[5] == "extractor: efficientnet-lite0-112"
-    assert out[6].startswith("settings: 50 (fashion_ldm/naive-W8A8, fashion_ldm/freeze-W8A8,")  # 36 grid + 14 studies
+    assert out[6].startswith("settings: 45 (fashion_ldm/naive-W8A8, fashion_ldm/freeze-W8A8,")  # 36 grid + 9 studies
     assert "fashion_ldm_class/tfmq-W4A8, fashion_sd/naive-W8A8," in out[6]
     assert "fashion_sd/tfmq-W4A8, fashion_ldm/brecq-W8A8," in out[6]
-    assert out[6].endswith("fashion_ldm/tfmq-nofsc-W4A6)")
+    assert out[6].endswith("fashion_ldm/ptqd-eq-W4A8)")
 
 
 # --- a truncated or foreign checkpoint ----------------------------------------------------------
@@ -196,3 +196,22 @@ def test_process_exit_code_and_quiet_model_load(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and r.stderr == "", r.stderr
+
+
+def test_text_guided_inputs_refused_before_work(capsys, tmp_path):
+    """A named CLIP folder that is missing, and a text-guided model's prompt file that is missing or empty:
+    one line each, exit 2, before anything is loaded."""
+    line = _refused(capsys, ["check", "--config", _cfg(tmp_path, eval__clip_model=str(tmp_path / "no-clip"))])
+    assert "eval.clip_model=" in line and "expected a local CLIP folder" in line
+    clip = tmp_path / "clip-without-processor"
+    clip.mkdir()
+    (clip / "config.json").write_text("{}")
+    line = _refused(capsys, ["check", "--config", _cfg(tmp_path, eval__clip_model=str(clip))])
+    assert "preprocessor_config.json" in line
+    line = _refused(capsys, ["check", "--config", _cfg(tmp_path, eval__prompts=str(tmp_path / "none.txt"))])
+    assert "eval.prompts=" in line and "one prompt per line" in line
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    line = _refused(capsys, ["calib-data", "--model", "fashion_sd", "--config",
+                             _cfg(tmp_path, calib_data__prompts=str(empty))])
+    assert line.startswith(f"tfmq: error: calib_data.prompts={str(empty)!r}")

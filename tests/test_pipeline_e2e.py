@@ -409,3 +409,23 @@ def test_dvc_repro_micro_pipeline(prefect_api, data_root, tmp_path):
     assert all("fid" in r.data.metrics for r in runs)
     assert {r.data.tags["dvc_stage"] for r in runs} >= {"run@fashion_ldm-tfmq-W4A8", "run_exp",
                                                          "run_study@tfmq-nofsc-W4A8"}
+
+
+def test_text_row_with_a_local_clip_folder(compared, tmp_path):
+    """``eval.clip_model`` set: the text-guided FP row gets a CLIP score from the local folder (a tiny CLIP built
+    offline) in [0, 100], and keeps its prompt accuracy; the results go to another ``eval.out_dir``."""
+    import yaml
+    from test_evaluation import _tiny_clip_dir
+
+    ws, _ = compared
+    _tiny_clip_dir(tmp_path / "clip")
+    p = yaml.safe_load((ws / "params.yaml").read_text())
+    p["eval"].update(clip_model=str(tmp_path / "clip"), out_dir="results-clip")
+    (ws / "params-clip.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--no-prefect", "--fp", "--model", "fashion_sd",
+                        "--config", "params-clip.yaml"], cwd=ws, env=subprocess_env(TFMQ_TORCH_THREADS="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((ws / "results-clip" / "metrics" / "fashion_sd" / "fp.json").read_text())
+    assert _finite(m["clip_score"]) and 0.0 <= m["clip_score"] <= 100.0 and m["clip_score_note"] is None
+    assert "CLIP" in m["clip_score_label"] and 0 <= m["prompt_accuracy"] <= 1 and m["prompt_accuracy_n"] == 16

@@ -34,7 +34,8 @@ def test_committed_params_validate():
     assert params.grid.models == ["fashion_ldm", "fashion_ldm_class", "fashion_sd"]  # the paper's three families; pixel: full profile
     assert params.model.fp_dir == "models/fashion_ldm" and params.sampler.guidance_scale == 3.0
     assert params.studies.model == "fashion_ldm" and {"brecq-W4A8", "tfmq-notiar-W4A8", "qdiffusion-eq-W4A8",
-                                                      "tfmq-W4A6"} <= set(params.studies.settings)
+                                                      "ptqd-eq-W4A8"} <= set(params.studies.settings)
+    assert not any("W4A6" in s for s in params.studies.settings)  # activation stress: scripts/studies.py stress
     assert params.quant == PARAMS["quant"]  # the quant section exactly as written (QuantConfig is built from it)
     assert params.train_fp.betas == (0.9, 0.999) and params.eval.inception_weights is None
 
@@ -119,8 +120,8 @@ def test_unknown_key_is_named(tmp_path, path, bad_key, value):
         (("scale_out", "address"), "localhost", "scale_out.address='localhost': expected a Dask scheduler address"),
         (("studies", "settings", "brecq-W4A8", "method"), "gptq", "studies.settings.brecq-W4A8.method"),
         (("studies", "settings", "brecq-W4A8", "bits"), "W4", "studies.settings.brecq-W4A8.bits"),
-        (("studies", "settings", "tfmq-W4A6", "quant"), {"fsc_scope": "half"}, "studies.settings.tfmq-W4A6.quant"),
-        (("studies", "settings", "tfmq-W4A6", "quant"), {"act_bits": 4}, "studies.settings.tfmq-W4A6.quant sets act_bits"),
+        (("studies", "settings", "tfmq-nofsc-W4A8", "quant"), {"fsc_scope": "half"}, "studies.settings.tfmq-nofsc-W4A8.quant"),
+        (("studies", "settings", "tfmq-nofsc-W4A8", "quant"), {"act_bits": 4}, "studies.settings.tfmq-nofsc-W4A8.quant sets act_bits"),
         (("studies", "settings", "tfmq-W4A8"), {"method": "tfmq", "bits": "W4A8", "quant": {}},
          "studies.settings.tfmq-W4A8: fashion_ldm/tfmq-W4A8 is already a grid setting"),
     ],
