@@ -55,7 +55,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="tfmq-bench-sharded-"))
     e = Eval(out_dir=str(tmp), num_samples=args.samples, batch_size=args.batch_size, seed=2,
-             extractor="efficientnet-lite0", inception_weights=None, num_bootstrap=100, grid_images=64,
+             extractor="efficientnet-lite0", inception_weights=None, clip_model=None,
+             prompts=str(ROOT / "prompts" / "fashion-val.txt"), num_bootstrap=100, grid_images=64,
              temporal_samples=1, activation_layers=1)
     sampler = Sampler(name="ddim", num_inference_steps=args.steps, eta=0.0, guidance_scale=1.0)
     classifier = str(ROOT / "models" / "classifier")

@@ -102,12 +102,15 @@ def extractor_weights(params: Params) -> None:
 
 
 def clip_model(params: Params) -> None:
-    """``eval.clip_model``: null, or a local CLIP folder (``CLIPModel.save_pretrained`` + its processor)."""
+    """``eval.clip_model``: null, or a local CLIP folder (``CLIPModel.save_pretrained`` + its processor: the hub's
+    ``preprocessor_config.json``, or the ``processor_config.json`` that transformers 5 writes)."""
     path = params.eval.clip_model
     if path is not None:
-        _need_dir("eval.clip_model", path, "expected a local CLIP folder (e.g. openai/clip-vit-base-patch32 saved with "
-                  "save_pretrained, with its processor) or null (prompt accuracy of the domain classifier instead)",
-                  inside=("config.json", "preprocessor_config.json"))
+        hint = ("expected a local CLIP folder (e.g. openai/clip-vit-base-patch32 saved with save_pretrained, with its "
+                "processor) or null (prompt accuracy of the domain classifier instead)")
+        _need_dir("eval.clip_model", path, hint, inside=("config.json",))
+        if not any((Path(path) / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+            raise InputError(f"eval.clip_model={path!r}: lacks preprocessor_config.json (or processor_config.json); {hint}")
 
 
 def prompt_files(params: Params, model: str | None, keys: tuple[str, ...]) -> None:

@@ -60,7 +60,8 @@ def bench(tmp_path_factory):
 
 def _eval(n: int = 24) -> Eval:
     return Eval(out_dir="unused", num_samples=n, batch_size=8, seed=2, extractor="efficientnet-lite0",
-                inception_weights=None, num_bootstrap=20, grid_images=16, temporal_samples=2, activation_layers=1)
+                inception_weights=None, clip_model=None, prompts="prompts/fashion-val.txt", num_bootstrap=20, grid_images=16,
+                temporal_samples=2, activation_layers=1)
 
 
 SAMPLER = Sampler(name="ddim", num_inference_steps=4, eta=0.0, guidance_scale=2.0)

@@ -61,6 +61,7 @@ def clip_score(
         inputs = processor(
             text=list(prompts[i : i + batch_size]), images=list(imgs.permute(0, 2, 3, 1).cpu().numpy()),
             return_tensors="pt", padding=True, truncation=True,
+            max_length=model.config.text_config.max_position_embeddings,  # the text model's own limit (CLIP: 77)
         ).to(device)
         out = model(**inputs)
         img = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
