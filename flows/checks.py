@@ -113,6 +113,22 @@ def clip_model(params: Params) -> None:
             raise InputError(f"eval.clip_model={path!r}: lacks preprocessor_config.json (or processor_config.json); {hint}")
 
 
+def lpips_backbone(params: Params) -> None:
+    """``eval.lpips_backbone``: null, or a local AlexNet file LPIPS can use (and the lpips package's linear layers)."""
+    path = params.eval.lpips_backbone
+    if path is None:
+        return
+    from tfmq.evaluation.lpips import LpipsError, load_lpips
+
+    hint = ("expected a local torchvision AlexNet state dict (alexnet-owt-7be5be79.pth, or its safetensors) or null "
+            "(no LPIPS column)")
+    _need_file("eval.lpips_backbone", path, hint)
+    try:
+        load_lpips(path)
+    except LpipsError as e:
+        raise InputError(f"eval.lpips_backbone={path!r}: {' '.join(str(e).split())}") from None
+
+
 def prompt_files(params: Params, model: str | None, keys: tuple[str, ...]) -> None:
     """A text-guided model's prompt files (``calib_data.prompts`` / ``eval.prompts``): readable, one prompt a line."""
     from tasks.setting import model_name
@@ -144,6 +160,7 @@ def reference_file(params: Params) -> str:
 def eval_inputs(params: Params, model: str | None = None) -> None:
     extractor_weights(params)
     clip_model(params)
+    lpips_backbone(params)
     if model is not None:
         prompt_files(params, model, ("eval.prompts",))
     _need_file("reference.dir", reference_file(params), "run `tfmq reference-stats` (dvc repro reference_stats) first")
@@ -181,6 +198,7 @@ def run_inputs(command: str, params: Params, setting: Setting | None = None, mod
             dataset_source(params)
         extractor_weights(params)
         clip_model(params)
+        lpips_backbone(params)
     elif command == "prepare-data":
         dataset_source(params)
     elif command in ("train", "train-classifier"):

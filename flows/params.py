@@ -129,6 +129,7 @@ class Eval(Section):
     extractor: str
     inception_weights: str | None
     clip_model: str | None
+    lpips_backbone: str | None = None
     prompts: str
     num_bootstrap: int
     grid_images: int

@@ -4,6 +4,8 @@
     python scripts/studies.py seeds [1 2]             # W4A8 freeze / qdiffusion / tfmq at these quant.seed (0 = the grid)
     python scripts/studies.py stress                  # activation stress: W4A6 / W8A4 / W4A4 (naive, qdiffusion, tfmq; W4A6 also
                                                       # freeze and tfmq without FSC), paired against tfmq at the same bits
+    python scripts/studies.py eqseeds [1 2]           # equal footing at these quant.seed: each method paired with tfmq
+                                                      # at the same seed (seed 0: the default run's rows)
     python scripts/studies.py plot         # results/studies/iterations.png from the collected rows
     python scripts/studies.py table seeds  # the rows as a Markdown table (mean and spread per method for seeds; stress too)
 
@@ -30,6 +32,9 @@ SEEDS = (1, 2)
 #: the activation-stress points: (setting name, method, bits, extra quant keys); the paired base is tfmq at the same bits
 STRESS = [(f"{m}-{b}", m, b, {}) for b in ("W4A6", "W8A4", "W4A4") for m in ("naive", "qdiffusion", "tfmq")] + [
     ("freeze-W4A6", "freeze", "W4A6", {}), ("tfmq-nofsc-W4A6", "tfmq", "W4A6", {"fsc": "false"})]
+#: equal footing: every method on TFMQ's layer policy, without attention matmuls and shortcut split (params.yaml studies)
+EQ_FOOTING = {"policy": "tfmq", "attention_matmul": "false", "split_shortcut": "false"}
+EQ_METHODS = ("naive", "ptq4dm", "qdiffusion", "ptqd")
 KEYS = ("fid", "fid_ci_low", "fid_ci_high", "kid_mean", "psnr_vs_fp", "psnr_vs_fp_ci_low", "psnr_vs_fp_ci_high",
         "ssim_vs_fp", "fid_vs_fp", "temporal_cos_mean", "quant_time_total_s", "quant_time_recon_blocks_s")
 
@@ -138,22 +143,41 @@ def _run(study: str, values: tuple[int, ...] | None, grid_params: str) -> Path:
     return _save(study, rows)
 
 
-def stress() -> Path:
-    """Run the ``STRESS`` points (each a ``dvc exp run ... run_exp``), keep each one's metrics and paired file under
-    ``results/studies/stress/`` (the paired files are not committed), then compare each point with tfmq at the same
-    bits on the same samples (``tasks.claims.PairedData``: FID / KID / PSNR differences, bootstrap intervals)."""
+def _paired_study(study: str, points: list[tuple[str, str, str, dict]], bases: dict[str, str],
+                  grid_copies: dict[str, str] | None = None) -> Path:
+    """Run ``points`` (``(name, method, bits, extra quant keys)``, each a ``dvc exp run ... run_exp``), keep each one's
+    metrics and paired file under ``results/studies/<study>/`` (the paired files are not committed), then compare
+    each point with its base (``bases[name]``) on the same samples (``tasks.claims.PairedData``: FID / KID / PSNR
+    differences, bootstrap intervals). ``grid_copies``: ``{name: grid setting}`` rows taken from the default run
+    (its metrics and paired files) instead of being run."""
     import shutil
 
     grid_params = (ROOT / "params.yaml").read_text()
     p = _params()
     model, out_dir = p["model"]["name"], p["eval"]["out_dir"]
-    root = ROOT / "results" / "studies" / "stress"
-    out = ROOT / "results" / "studies" / "stress.json"
-    data = json.loads(out.read_text()) if out.is_file() else {"study": "stress", "rows": []}
-    done = {r["setting"] for r in data["rows"]}
+    root = ROOT / "results" / "studies" / study
+    out = ROOT / "results" / "studies" / f"{study}.json"
+    data = json.loads(out.read_text()) if out.is_file() else {"study": study, "rows": []}
+
+    def keep(name: str, src_name: str, method: str, bits: str, **extra) -> None:
+        for sub, suffix in (("metrics", ".json"), ("paired", ".safetensors")):
+            (root / sub / model).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / out_dir / sub / model / f"{src_name}{suffix}", root / sub / model / f"{name}{suffix}")
+        m = json.loads((root / "metrics" / model / f"{name}.json").read_text())
+        data["rows"] = [r for r in data["rows"] if r["setting"] != name] + [
+            {"setting": name, "method": method, "bits": bits, **{k: m.get(k) for k in KEYS}, **extra}]
+        _save_stress(out, data)
+
+    def have(name: str) -> bool:
+        return any(r["setting"] == name for r in data["rows"]) and (root / "paired" / model / f"{name}.safetensors").is_file()
+
     try:
-        for name, method, bits, extra in STRESS:
-            if name in done and (root / "paired" / model / f"{name}.safetensors").is_file():
+        for name, src in (grid_copies or {}).items():
+            if not have(name):
+                m = json.loads((ROOT / out_dir / "metrics" / model / f"{src}.json").read_text())
+                keep(name, src, m["method"], m["bits"], command=f"dvc repro (the default run's {src})")
+        for name, method, bits, extra in points:
+            if have(name):
                 continue
             w, a = bits[1:].split("A")
             sets = [f"quant.method={method}", f"quant.weight_bits={w}", f"quant.act_bits={a}",
@@ -163,14 +187,7 @@ def stress() -> Path:
             t0 = time.perf_counter()
             subprocess.run(cmd, cwd=ROOT, check=True)
             (ROOT / "params.yaml").write_text(grid_params)
-            for sub, suffix in (("metrics", ".json"), ("paired", ".safetensors")):
-                (root / sub / model).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / out_dir / sub / model / f"exp{suffix}", root / sub / model / f"{name}{suffix}")
-            m = json.loads((root / "metrics" / model / f"{name}.json").read_text())
-            data["rows"] = [r for r in data["rows"] if r["setting"] != name] + [
-                {"setting": name, "method": method, "bits": bits, **{k: m.get(k) for k in KEYS},
-                 "command": "dvc " + " ".join(cmd[3:]), "wall_s": round(time.perf_counter() - t0, 1)}]
-            _save_stress(out, data)
+            keep(name, "exp", method, bits, command="dvc " + " ".join(cmd[3:]), wall_s=round(time.perf_counter() - t0, 1))
     finally:
         (ROOT / "params.yaml").write_text(grid_params)
     from tasks.claims import PairedData
@@ -178,13 +195,66 @@ def stress() -> Path:
 
     ref = Path(p["reference"]["dir"]) / f"{p['reference']['split']}_{get_extractor_spec(p['eval']['extractor']).name}.safetensors"
     pd = PairedData(str(root), str(ROOT / ref), p["report"]["num_bootstrap"], p["eval"]["seed"])
-    comps = []
-    for name, method, bits, extra in STRESS:
-        base = "tfmq-W4A6" if name == "tfmq-nofsc-W4A6" else f"tfmq-{bits}"
-        if name != base and pd.metrics(model, name) and pd.metrics(model, base):
-            comps.append(pd.compare(model, name, base))
-    data["comparisons"] = comps
+    data["comparisons"] = [pd.compare(model, name, base) for name, base in bases.items()
+                           if name != base and pd.metrics(model, name) and pd.metrics(model, base)]
     return _save_stress(out, data)
+
+
+def stress() -> Path:
+    """The ``STRESS`` points, each paired with tfmq at the same bits (tfmq without FSC with tfmq-W4A6)."""
+    bases = {name: ("tfmq-W4A6" if name == "tfmq-nofsc-W4A6" else f"tfmq-{bits}") for name, _, bits, _ in STRESS}
+    return _paired_study("stress", STRESS, bases)
+
+
+def eqseeds(seeds: tuple[int, ...] | None = None) -> Path:
+    """The equal-footing comparison (TFMQ's layer policy, no attention matmuls, no shortcut split for every method)
+    at more calibration / reconstruction seeds: each ``<method>-eq-W4A8-s<seed>`` paired with ``tfmq-W4A8-s<seed>``
+    (the same seed). Seed 0 is the default run's (its named studies and tfmq-W4A8)."""
+    seeds = seeds or SEEDS
+    points, bases = [], {}
+    for s in (0, *seeds):
+        for m in EQ_METHODS:
+            bases[f"{m}-eq-W4A8-s{s}"] = f"tfmq-W4A8-s{s}"
+    for s in seeds:
+        points.append((f"tfmq-W4A8-s{s}", "tfmq", "W4A8", {"seed": s}))
+        points += [(f"{m}-eq-W4A8-s{s}", m, "W4A8", {**EQ_FOOTING, "seed": s}) for m in EQ_METHODS]
+    grid = {"tfmq-W4A8-s0": "tfmq-W4A8", **{f"{m}-eq-W4A8-s0": f"{m}-eq-W4A8" for m in EQ_METHODS}}
+    return _paired_study("eqseeds", points, bases, grid)
+
+
+def eqseeds_table() -> str:
+    """Markdown of ``results/studies/eqseeds.json``: per method, the paired FID / PSNR difference against tfmq at
+    each seed, then their mean and spread over the seeds."""
+    import statistics
+
+    data = json.loads((ROOT / "results" / "studies" / "eqseeds.json").read_text())
+    comps = {c["a"]: c for c in data.get("comparisons", [])}
+    rows = {r["setting"]: r for r in data["rows"]}
+    seeds = sorted({int(n.rsplit("-s", 1)[1]) for n in rows})
+    out = ["| setting | seed | FID [95 % CI] | ΔFID vs tfmq, same seed [95 % CI] | ΔPSNR (dB) [95 % CI] | verdict (FID) |",
+           "|---|---|---|---|---|---|"]
+    summary = ["| method | seeds | ΔFID mean ± std | ΔPSNR (dB) mean ± std | seeds whose FID interval excludes 0 |",
+               "|---|---|---|---|---|"]
+    for m in ("tfmq", *EQ_METHODS):
+        dfid, dpsnr, firm = [], [], 0
+        for s in seeds:
+            name = f"tfmq-W4A8-s{s}" if m == "tfmq" else f"{m}-eq-W4A8-s{s}"
+            r, c = rows.get(name), comps.get(name)
+            if r is None:
+                continue
+            d = q = v = "-"
+            if c is not None:
+                d = f"{c['fid']['diff']:+.1f} [{c['fid']['ci'][0]:+.1f}, {c['fid']['ci'][1]:+.1f}]"
+                q = f"{c['psnr']['diff']:+.2f} [{c['psnr']['ci'][0]:+.2f}, {c['psnr']['ci'][1]:+.2f}]"
+                v = c["fid"]["verdict"]
+                dfid.append(c["fid"]["diff"])
+                dpsnr.append(c["psnr"]["diff"])
+                firm += c["fid"]["ci"][0] > 0 or c["fid"]["ci"][1] < 0
+            out.append(f"| {name} | {s} | {r['fid']:.1f} [{r['fid_ci_low']:.1f}, {r['fid_ci_high']:.1f}] | {d} | {q} | {v} |")
+        if len(dfid) > 1:
+            summary.append(f"| {m} | {len(dfid)} | {statistics.mean(dfid):+.2f} ± {statistics.stdev(dfid):.2f} | "
+                           f"{statistics.mean(dpsnr):+.2f} ± {statistics.stdev(dpsnr):.2f} | {firm} of {len(dfid)} |")
+    return "\n".join(out + [""] + summary)
 
 
 def _save_stress(out: Path, data: dict) -> Path:
@@ -263,14 +333,17 @@ def table(study: str) -> str:
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what not in ("iterations", "seeds", "stress", "plot", "table"):
-        print("usage: python scripts/studies.py iterations|seeds [values...] | stress | plot | table iterations|seeds|stress",
+    if what not in ("iterations", "seeds", "stress", "eqseeds", "plot", "table"):
+        print("usage: python scripts/studies.py iterations|seeds|eqseeds [values...] | stress | plot | "
+              "table iterations|seeds|stress|eqseeds",
               file=sys.stderr)
         sys.exit(2)
     if what == "stress":
         print(stress())
+    elif what == "eqseeds":
+        print(eqseeds(tuple(int(v) for v in sys.argv[2:]) or None))
     elif what == "table":
         which = sys.argv[2] if len(sys.argv) > 2 else "seeds"
-        print(stress_table() if which == "stress" else table(which))
+        print(stress_table() if which == "stress" else eqseeds_table() if which == "eqseeds" else table(which))
     else:
         print(plot() if what == "plot" else run(what, tuple(int(v) for v in sys.argv[2:]) or None))

@@ -37,7 +37,7 @@ METHOD_LABEL = {"naive": "naive", "freeze": "Freeze", "brecq": "joint BRECQ", "p
 class _Loaded:
     images_n: int
     features: Any  # float64 [N, D]
-    per_sample: dict[str, Any]  # psnr / ssim / mse / feat_dist arrays (quantized rows)
+    per_sample: dict[str, Any]  # psnr / ssim / mse / feat_dist (/ lpips) arrays (quantized rows)
 
 
 def quant_seconds(m: dict) -> float | None:
@@ -74,7 +74,7 @@ class PairedData:
                 from safetensors.torch import load_file
 
                 t = load_file(str(p))
-                per = {k: t[k].double().numpy() for k in ("mse", "psnr", "ssim", "feat_dist") if k in t}
+                per = {k: t[k].double().numpy() for k in ("mse", "psnr", "ssim", "feat_dist", "lpips") if k in t}
                 self._files[key] = _Loaded(int(t["images"].shape[0]), t["features"].double().numpy(), per)
         return self._files[key]
 
@@ -103,7 +103,7 @@ class PairedData:
                 d = _paired_set_difference(self._set_metric(kind, model, a), self._set_metric(kind, model, b),
                                            la.images_n, self.rounds, self.seed, 0.95)
                 out[kind] = {**d, "verdict": verdict(d["ci"], kind, a, b)}
-        for k in ("psnr", "ssim"):
+        for k in ("psnr", "ssim", "lpips"):  # lpips: only with eval.lpips_backbone
             if k in la.per_sample and k in lb.per_sample:
                 d = paired_difference(la.per_sample[k], lb.per_sample[k], self.rounds * 5, self.seed)
                 out[k] = {"diff": d["mean"], "ci": d["ci"], "verdict": verdict(d["ci"], k, a, b)}

@@ -66,7 +66,8 @@ def shard_job(setting: Setting, e, sampler, classifier: str) -> dict[str, Any]:
                              setting.fp_paired_path, setting.model)
     return {"fp_dir": setting.fp_dir, "checkpoint": setting.checkpoint, "num_samples": e.num_samples,
             "e": {"seed": e.seed, "batch_size": e.batch_size, "extractor": e.extractor,
-                  "inception_weights": e.inception_weights, "prompts": e.prompts},
+                  "inception_weights": e.inception_weights, "prompts": e.prompts,
+                  "lpips_backbone": e.lpips_backbone},
             "sampler": sampler.model_dump(), "classifier": classifier, "fp_paired": fp_paired, "keep_images": True}
 
 

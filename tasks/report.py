@@ -163,10 +163,12 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
     table = []
     for model in models:
         fam = fams[model]
+        # LPIPS vs FP: only when eval.lpips_backbone named a local AlexNet file
+        with_lpips = any(m is not None and m.get("lpips_vs_fp") is not None for _, _, m in per_model[model])
         lines += [f"## {model} ({fam.get('family', '?')}): all metrics", "",
                   f"| Method | Bits | FID ({ref.get('extractor', '?')}) | sFID | KID | IS | temporal error | quant time (s) "
-                  "| PSNR vs FP (dB) | FID vs FP |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| PSNR vs FP (dB) | FID vs FP |" + (" LPIPS vs FP |" if with_lpips else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_lpips else "")]
         rows = ([("real images", "-", real)] if real else []) + per_model[model]
         for method, bits, m in rows:
             if m is None:
@@ -181,6 +183,8 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
                 f"{'0' if method == 'FP' else '-' if unq else _temporal_cell(m)} | "
                 f"{'-' if unq else _quant_cell(m)} |{paired} | "
                 f"{_fmt(m.get('fid_vs_fp')) if m.get('fid_vs_fp') is not None else '-'} |"
+                + ((f" {m['lpips_vs_fp']:.4f} [{m['lpips_vs_fp_ci_low']:.4f}, {m['lpips_vs_fp_ci_high']:.4f}] |"
+                    if m.get("lpips_vs_fp") is not None else " - |") if with_lpips else "")
             )
             table.append({"model": model, "method": method, "bits": bits,
                           **{k: v for k, v in m.items() if k != "per_timestep"}})

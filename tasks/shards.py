@@ -39,8 +39,8 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
     ``threads``: torch threads of this process (``None``: leave them). Per-sample rows the evaluate stage
     needs: ``keep_images`` (uint8 samples, for grids and the paired file; with them the class labels),
     ``classifier`` (the domain classifier's logits: domain IS, class accuracy), ``fp_paired`` (the FP
-    row's paired file: MSE / PSNR / SSIM / feature distance of these samples against the FP samples of
-    the same noise, read for this range only).
+    row's paired file: MSE / PSNR / SSIM / feature distance, and LPIPS with ``e["lpips_backbone"]``, of these
+    samples against the FP samples of the same noise, read for this range only).
     """
     import time
 
@@ -96,7 +96,8 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
                                                      device=device())
         times["classifier"], t0 = time.perf_counter() - t0, time.perf_counter()
     if fp_paired is not None:
-        per_sample.update(_paired_rows(fp_paired, start, stop, num_samples, images, feats[layers["fid"]]))
+        per_sample.update(_paired_rows(fp_paired, start, stop, num_samples, images, feats[layers["fid"]],
+                                       e.get("lpips_backbone"), e.get("feature_batch_size", e["batch_size"])))
         times["paired"] = time.perf_counter() - t0
     gaussian = [v for v in (layers["fid"], layers["spatial"]) if v]
     rows = [v for v in (layers["fid"], layers["logits"]) if v]
@@ -107,11 +108,13 @@ def sample_shard(fp_dir: str, checkpoint: str | None, start: int, stop: int, num
 
 
 #: the per-sample paired metrics a shard files against the FP samples (``tfmq.evaluation.paired``)
-PAIRED_ROWS = ("mse", "psnr", "ssim", "feat_dist")
+PAIRED_ROWS = ("mse", "psnr", "ssim", "feat_dist", "lpips")
 
 
-def _paired_rows(fp_paired: str, start: int, stop: int, num_samples: int, images, features) -> dict:
-    """MSE / PSNR / SSIM / feature distance of samples ``[start, stop)`` against those rows of the FP paired file."""
+def _paired_rows(fp_paired: str, start: int, stop: int, num_samples: int, images, features,
+                 lpips_backbone: str | None = None, batch_size: int = 64) -> dict:
+    """MSE / PSNR / SSIM / feature distance of samples ``[start, stop)`` against those rows of the FP paired file;
+    with ``lpips_backbone`` (a local AlexNet file, ``eval.lpips_backbone``) also their LPIPS."""
     import torch
     from safetensors import safe_open
 
@@ -125,6 +128,10 @@ def _paired_rows(fp_paired: str, start: int, stop: int, num_samples: int, images
                              "the same eval.num_samples and seed: re-run evaluate --fp")
         fp_images, fp_features = f.get_slice("images")[start:stop], f.get_slice("features")[start:stop]
     per = per_sample_vs_reference(fp_images, images, fp_features, features)
+    if lpips_backbone is not None:
+        from tfmq.evaluation.lpips import load_lpips, lpips_distance
+
+        per["lpips"] = lpips_distance(fp_images, images, load_lpips(lpips_backbone), batch_size)
     return {k: torch.from_numpy(per[k]) for k in PAIRED_ROWS if k in per}
 
 

@@ -223,6 +223,14 @@ def test_report_tables(tmp_path):
     assert detail[2][6:] == [f"{(1 - 0.99) * 1e4:.1f}", "12", "31.50 [31.00, 32.00]", "12.25"]  # paired vs FP
     assert {(r["model"], r["method"]) for r in rows} == {("pix", "FP"), ("pix", "tfmq"), ("ldmc", "autoencoder recon."),
                                                          ("ldmc", "FP"), ("ldmc", "naive")}
+    assert "LPIPS" not in text  # no eval.lpips_backbone: no column
+    naive = json.loads((m / "ldmc" / "naive-W4A8.json").read_text())
+    (m / "ldmc" / "naive-W4A8.json").write_text(json.dumps({**naive, "lpips_vs_fp": 0.0125, "lpips_vs_fp_ci_low": 0.011,
+                                                            "lpips_vs_fp_ci_high": 0.014}))
+    text, _ = build_table(str(tmp_path), grid)
+    assert "| FID vs FP | LPIPS vs FP |" in text
+    detail = table_rows(text, "## ldmc")
+    assert detail[2][-1] == "0.0125 [0.0110, 0.0140]" and detail[1][-1] == "-"  # FP has no pairing
 
     (m / "real.json").write_text(json.dumps(_metrics(7.25)))  # the real-data floor row, shared by every model
     text, _ = build_table(str(tmp_path), grid)

@@ -278,7 +278,7 @@ BASH_RULES = [
     (r"^dvc metrics show$", "run", _execute_metrics_show),
     (r"^dvc metrics diff$", "run", _execute),
     (r"^dvc (repro|exp run)\b", "validate", _validate_dvc),
-    (r"^python scripts/studies\.py (iterations|seeds|stress|plot|table)\b", "validate",
+    (r"^python scripts/studies\.py (iterations|seeds|eqseeds|stress|plot|table)\b", "validate",
      lambda a: _run([sys.executable, "-m", "py_compile", str(ROOT / a[1])]).returncode == 0 or pytest.fail(a)),
     (r"^python scripts/render_plots\.py \S+$", "validate",
      lambda a: _run([sys.executable, "-m", "py_compile", str(ROOT / a[1])]).returncode == 0 or pytest.fail(a)),

@@ -22,7 +22,7 @@ import torch
 from tfmq.evaluation.feature_metrics import _trace_sqrt_of_gram, psd_sqrt
 
 #: metric -> True when lower is better (the per-sample metrics against FP and the set metrics)
-LOWER_IS_BETTER = {"mse": True, "psnr": False, "ssim": False, "feat_dist": True, "fid": True, "kid": True}
+LOWER_IS_BETTER = {"mse": True, "psnr": False, "ssim": False, "feat_dist": True, "lpips": True, "fid": True, "kid": True}
 
 
 def _unit(images: torch.Tensor) -> np.ndarray:
