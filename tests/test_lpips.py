@@ -124,7 +124,8 @@ def test_shard_rows_carry_lpips_and_the_paired_comparison_reads_it(tmp_path, ale
     for name, imgs in (("near", near), ("far", far)):
         rows[name] = _paired_rows(str(tmp_path / "fp.safetensors"), 0, 12, 12, imgs, feats, path, 5)
         assert set(rows[name]) == {"mse", "psnr", "ssim", "feat_dist", "lpips"}
-        np.testing.assert_array_equal(rows[name]["lpips"].numpy(), lpips_distance(fp, imgs, load_lpips(path)))
+        # batches of 5 there vs 64 here: float32 convolutions of other batch shapes agree to rounding, not bit for bit
+        np.testing.assert_allclose(rows[name]["lpips"].numpy(), lpips_distance(fp, imgs, load_lpips(path)), rtol=1e-5)
     assert "lpips" not in _paired_rows(str(tmp_path / "fp.safetensors"), 0, 12, 12, near, feats)
     paired = tmp_path / "out" / "paired" / "m"
     metrics = tmp_path / "out" / "metrics" / "m"
