@@ -43,6 +43,40 @@ def test_build_unet_embedded_default():
     assert EMBEDDED_UNET_CONFIG["norm_num_groups"] == 32
 
 
+def test_text_unet_builder_refuses_unknown_keys_and_seeds():
+    from tfmq.diffusion.models import build_text_unet
+
+    with pytest.raises(ValueError, match="build_text_unet got unknown UNet2DConditionModel keys \\['cross_atention_dim'\\]"):
+        build_text_unet({"cross_atention_dim": 32})
+    a, b = build_text_unet({"cross_attention_dim": 16}, seed=3), build_text_unet({"cross_attention_dim": 16}, seed=3)
+    assert a.config.cross_attention_dim == 16 and isinstance(a.config.block_out_channels, tuple)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_autoencoder_configs_share_their_checks_and_name_their_class(kind):
+    from tfmq.diffusion.autoencoder import AutoencoderConfig
+    from tfmq.diffusion.vae import KLAutoencoderConfig
+
+    cls = AutoencoderConfig if kind == "vq" else KLAutoencoderConfig
+    name = cls.__name__
+    assert cls(block_out_channels=[16, 32]).block_out_channels == (16, 32)
+    with pytest.raises(ValueError, match=f"^{name}\\.steps=0 must be >= 1$"):
+        cls(steps=0)
+    with pytest.raises(ValueError, match=f"^{name}\\.block_out_channels=\\(16, 12\\): expected .* divisible by 8"):
+        cls(block_out_channels=(16, 12))
+    with pytest.raises(ValueError, match=f"^{name}\\.pad_to=30 is not divisible by the downsampling factor 4 of 3 levels$"):
+        cls(pad_to=30)
+    with pytest.raises(ValueError, match=f"^{name}\\.lr=nan must be a positive finite number"):
+        cls(lr=float("nan"))
+    if kind == "vq":
+        with pytest.raises(ValueError, match="^AutoencoderConfig\\.num_vq_embeddings=0 must be >= 1$"):
+            cls(num_vq_embeddings=0)
+    else:
+        with pytest.raises(ValueError, match="^KLAutoencoderConfig\\.kl_weight=-1.0 must be a finite number >= 0"):
+            cls(kl_weight=-1.0)
+
+
 def test_make_scheduler_kinds(tmp_path):
     cfg = ddpm_config()
     ddim = make_scheduler("ddim", cfg, num_inference_steps=5)

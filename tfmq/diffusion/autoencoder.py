@@ -31,6 +31,26 @@ from tfmq.diffusion.sampling import save_grid
 from tfmq.io import atomic_dir, atomic_write_json
 
 
+def check_autoencoder_config(cfg, counts: tuple[str, ...] = ()) -> None:
+    """The checks a VQ and a KL autoencoder config share (``block_out_channels`` made a tuple of ints in place):
+    ``pad_to``, ``latent_channels``, ``steps``, ``batch_size`` and ``counts`` >= 1, channel counts divisible by 8,
+    ``pad_to`` divisible by the downsampling factor, a positive finite ``lr``. Errors name the config class."""
+    who = type(cfg).__name__
+    cfg.block_out_channels = tuple(int(c) for c in cfg.block_out_channels)
+    for name in ("pad_to", "latent_channels", *counts, "steps", "batch_size"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"{who}.{name}={getattr(cfg, name)} must be >= 1")
+    if not cfg.block_out_channels or any(c < 1 or c % 8 for c in cfg.block_out_channels):
+        raise ValueError(f"{who}.block_out_channels={cfg.block_out_channels}: expected a non-empty "
+                         "list of channel counts divisible by 8 (GroupNorm groups), e.g. [16, 32, 32]")
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if cfg.pad_to % factor:
+        raise ValueError(f"{who}.pad_to={cfg.pad_to} is not divisible by the downsampling factor "
+                         f"{factor} of {len(cfg.block_out_channels)} levels")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"{who}.lr={cfg.lr} must be a positive finite number, e.g. 1e-3")
+
+
 @dataclass
 class AutoencoderConfig:
     """Architecture and training recipe of the embedded VQ autoencoder (params.yaml ``autoencoder``).
@@ -59,19 +79,8 @@ class AutoencoderConfig:
     restart_every: int = 100
 
     def __post_init__(self) -> None:
-        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
-        for name in ("pad_to", "latent_channels", "num_vq_embeddings", "steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"AutoencoderConfig.{name}={getattr(self, name)} must be >= 1")
-        if not self.block_out_channels or any(c < 1 or c % 8 for c in self.block_out_channels):
-            raise ValueError(f"AutoencoderConfig.block_out_channels={self.block_out_channels}: expected a non-empty "
-                             "list of channel counts divisible by 8 (GroupNorm groups), e.g. [32, 64, 64]")
-        factor = 2 ** (len(self.block_out_channels) - 1)
-        if self.pad_to % factor:
-            raise ValueError(f"AutoencoderConfig.pad_to={self.pad_to} is not divisible by the downsampling factor "
-                             f"{factor} of {len(self.block_out_channels)} levels")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"AutoencoderConfig.lr={self.lr} must be a positive finite number, e.g. 1e-3")
+        check_autoencoder_config(self, ("num_vq_embeddings",))
+
 
     @property
     def downsampling_factor(self) -> int:

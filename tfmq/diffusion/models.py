@@ -61,17 +61,22 @@ def build_unet(cfg: dict[str, Any] | None = None, *, seed: int | None = None) ->
     Example:
         >>> unet = build_unet({"num_class_embeds": 10}, seed=0)
     """
+    return _build("build_unet", UNet2DModel, EMBEDDED_UNET_CONFIG, cfg, seed)
+
+
+def _build(caller: str, cls, defaults: dict[str, Any], cfg: dict[str, Any] | None, seed: int | None):
+    """``cls(**(defaults | cfg))`` with the tuple-valued keys as tuples; keys ``cls`` does not take are refused."""
     cfg = dict(cfg or {})
-    allowed = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
-        raise ValueError(f"build_unet got unknown UNet2DModel keys {unknown}; allowed keys: {sorted(allowed)}")
-    merged = {**EMBEDDED_UNET_CONFIG, **cfg}
+        raise ValueError(f"{caller} got unknown {cls.__name__} keys {unknown}; allowed keys: {sorted(allowed)}")
+    merged = {**defaults, **cfg}
     for k in ("block_out_channels", "down_block_types", "up_block_types"):
         merged[k] = tuple(merged[k])
     if seed is not None:
         torch.manual_seed(seed)
-    return UNet2DModel(**merged)
+    return cls(**merged)
 
 
 def build_text_unet(cfg: dict[str, Any] | None = None, *, seed: int | None = None):
@@ -79,17 +84,7 @@ def build_text_unet(cfg: dict[str, Any] | None = None, *, seed: int | None = Non
     (unknown keys rejected, like :func:`build_unet`)."""
     from diffusers import UNet2DConditionModel
 
-    cfg = dict(cfg or {})
-    allowed = set(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ValueError(f"build_text_unet got unknown UNet2DConditionModel keys {unknown}; allowed keys: {sorted(allowed)}")
-    merged = {**EMBEDDED_TEXT_UNET_CONFIG, **cfg}
-    for k in ("block_out_channels", "down_block_types", "up_block_types"):
-        merged[k] = tuple(merged[k])
-    if seed is not None:
-        torch.manual_seed(seed)
-    return UNet2DConditionModel(**merged)
+    return _build("build_text_unet", UNet2DConditionModel, EMBEDDED_TEXT_UNET_CONFIG, cfg, seed)
 
 
 def _read_class_name(config_path: Path, allowed: tuple[str, ...] | None = None) -> str:

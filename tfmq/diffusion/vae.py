@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from tfmq.diffusion.autoencoder import decode, encode, pad_images, psnr
+from tfmq.diffusion.autoencoder import check_autoencoder_config, decode, encode, pad_images, psnr
 from tfmq.diffusion.data import to_model_range
 from tfmq.diffusion.sampling import save_grid
 from tfmq.io import atomic_dir, atomic_write_json
@@ -55,19 +55,7 @@ class KLAutoencoderConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
-        for name in ("pad_to", "latent_channels", "steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"KLAutoencoderConfig.{name}={getattr(self, name)} must be >= 1")
-        if not self.block_out_channels or any(c < 1 or c % 8 for c in self.block_out_channels):
-            raise ValueError(f"KLAutoencoderConfig.block_out_channels={self.block_out_channels}: expected a non-empty "
-                             "list of channel counts divisible by 8 (GroupNorm groups), e.g. [16, 32, 32]")
-        factor = 2 ** (len(self.block_out_channels) - 1)
-        if self.pad_to % factor:
-            raise ValueError(f"KLAutoencoderConfig.pad_to={self.pad_to} is not divisible by the downsampling factor "
-                             f"{factor} of {len(self.block_out_channels)} levels")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"KLAutoencoderConfig.lr={self.lr} must be a positive finite number, e.g. 1e-3")
+        check_autoencoder_config(self)
         if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
             raise ValueError(f"KLAutoencoderConfig.kl_weight={self.kl_weight} must be a finite number >= 0, e.g. 1e-4")
 
