@@ -166,7 +166,7 @@ def _paired_study(study: str, points: list[tuple[str, str, str, dict]], bases: d
         m = json.loads((root / "metrics" / model / f"{name}.json").read_text())
         data["rows"] = [r for r in data["rows"] if r["setting"] != name] + [
             {"setting": name, "method": method, "bits": bits, **{k: m.get(k) for k in KEYS}, **extra}]
-        _save_stress(out, data)
+        _save_study(out, data)
 
     def have(name: str) -> bool:
         return any(r["setting"] == name for r in data["rows"]) and (root / "paired" / model / f"{name}.safetensors").is_file()
@@ -197,7 +197,7 @@ def _paired_study(study: str, points: list[tuple[str, str, str, dict]], bases: d
     pd = PairedData(str(root), str(ROOT / ref), p["report"]["num_bootstrap"], p["eval"]["seed"])
     data["comparisons"] = [pd.compare(model, name, base) for name, base in bases.items()
                            if name != base and pd.metrics(model, name) and pd.metrics(model, base)]
-    return _save_stress(out, data)
+    return _save_study(out, data)
 
 
 def stress() -> Path:
@@ -257,7 +257,7 @@ def eqseeds_table() -> str:
     return "\n".join(out + [""] + summary)
 
 
-def _save_stress(out: Path, data: dict) -> Path:
+def _save_study(out: Path, data: dict) -> Path:
     from tfmq.io import atomic_write_json
 
     atomic_write_json(data, out)
