@@ -49,7 +49,7 @@ def main() -> None:
 
     from flows.params import Eval, Sampler
     from flows.sharded import sample_shards
-    from tasks.evaluate import score_shards, shard_job
+    from tasks.evaluate import score_shards, eval_job
     from tasks.setting import Setting
     from tfmq.evaluation.reference_stats import compute_reference_stats
 
@@ -73,7 +73,7 @@ def main() -> None:
                                   calib_dir=None, quant_dir=None, results_dir=str(d / "results"),
                                   metrics_path=str(d / "fp.json"), paired_path=str(d / "paired" / "fp.safetensors"))
                 t0 = time.perf_counter()
-                paths = sample_shards(shard_job(setting, e, sampler, classifier), shards, str(d / "shards"),
+                paths = sample_shards(eval_job(setting, e, sampler, classifier), shards, str(d / "shards"),
                                       workers=workers, threads=threads)
                 r = score_shards.fn(setting, e, sampler, str(ref.path), classifier, paths)
                 wall = time.perf_counter() - t0

@@ -10,7 +10,11 @@ import json
 from pathlib import Path
 
 from flows.params import Params, ParamsError
-from tasks.setting import Setting
+from tasks.setting import Setting, model_name
+from tfmq.diffusion.pipelines import output_shape
+from tfmq.evaluation.classifier import domain_classifier_for
+from tfmq.evaluation.extractors import get_extractor_spec
+from tfmq.evaluation.reference_data import ReferenceDataError, check_reference, load_fid_stats
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -141,7 +145,8 @@ def prompt_files(params: Params, model: str | None, keys: tuple[str, ...]) -> No
     for key in keys:
         section, field = key.split(".")
         path = getattr(getattr(params, section), field)
-        hint = "expected a UTF-8 text file with one prompt per line (text-guided models sample these prompts)"
+        hint = ("expected a UTF-8 text file with one prompt per line or an MS-COCO captions JSON "
+                "(annotations/captions_val2014.json layout): text-guided models sample these prompts")
         _need_file(key, path, hint)
         try:
             read_prompts(path)
@@ -149,22 +154,92 @@ def prompt_files(params: Params, model: str | None, keys: tuple[str, ...]) -> No
             raise InputError(f"{key}={path!r}: {' '.join(str(e).split())}") from None
 
 
-def reference_file(params: Params) -> str:
-    """``<reference.dir>/<split>_<extractor>.safetensors``: the reference statistics every row is scored against."""
-    from tfmq.evaluation.extractors import get_extractor_spec
+def image_shape(params: Params, model: str | None, idx_as_is: bool = True) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of the images ``<model.root>/<model>`` makes (``output_shape``: from its folder, never assumed).
+    ``None`` for the embedded IDX reference with ``idx_as_is`` (its images are used as they are: one reference for
+    every model, the default run's numbers unchanged)."""
+    if params.reference.source == "idx" and idx_as_is:
+        return None
+    return output_shape(Path(params.model.root) / model_name(params, model))
 
+
+def real_row_model(params: Params) -> str:
+    """The model whose output shape the one real-data row is drawn at: the first of ``grid.models``."""
+    return params.grid.models[0]
+
+
+def reference_file(params: Params, model: str | None = None) -> str:
+    """The reference statistics a model's rows are scored against, under ``reference.dir``:
+    ``<split>_<extractor>`` (the embedded IDX data: one for every model), ``<stats stem>-stats_<extractor>``
+    (precomputed statistics) or ``<images stem>-<C>x<H>x<W>_<extractor>`` (a folder / npz, per output shape)."""
     name = get_extractor_spec(params.eval.extractor).name
-    return str(Path(params.reference.dir) / f"{params.reference.split}_{name}.safetensors")
+    r = params.reference
+    if r.source == "idx":
+        stem = r.split
+    elif r.source == "stats":
+        stem = f"{Path(r.stats).stem}-stats"
+    else:
+        c, h, w = image_shape(params, model or real_row_model(params))
+        stem = f"{Path(r.images).stem or Path(r.images).name}-{c}x{h}x{w}"
+    return str(Path(r.dir) / f"{stem}_{name}.safetensors")
+
+
+def reference_targets(params: Params) -> dict[str, tuple[int, int, int] | None]:
+    """Every reference file the run's models need (``reference_file``) and the image shape it is computed at."""
+    models = [m for m in dict.fromkeys([*params.grid.models, params.model.name, params.studies.model])
+              if (Path(params.model.root) / m / "unet" / "config.json").is_file()]
+    if params.reference.source == "idx" or not models:
+        return {reference_file(params): None}
+    return {reference_file(params, m): image_shape(params, m) for m in models}
+
+
+def reference_source(params: Params) -> None:
+    """``reference.images`` (a folder of images or a guided-diffusion ``.npz``) or ``reference.stats`` (FID statistics
+    of this extractor's width): readable and what they claim, before any stage embeds a single image."""
+    r = params.reference
+    try:
+        if r.images is not None:
+            check_reference(r.images)
+        elif r.stats is not None:
+            mu, _ = load_fid_stats(r.stats)
+            spec = get_extractor_spec(params.eval.extractor)
+            if spec.fid_feature.isdigit() and mu.shape[0] != int(spec.fid_feature):
+                raise ReferenceDataError(
+                    f"statistics of {mu.shape[0]}-d features, but eval.extractor={spec.name} scores FID on "
+                    f"{spec.fid_feature}-d features; expected statistics of the same network (pytorch-fid's 2048-d: "
+                    "eval.extractor inception-v3-compat with eval.inception_weights)")
+    except (ReferenceDataError, OSError, ValueError) as e:
+        key = "reference.images" if r.images is not None else "reference.stats"
+        raise InputError(f"{key}={r.images or r.stats!r}: {' '.join(str(e).split())}") from None
+
+
+def domain_classifier(params: Params, models: list[str]) -> None:
+    """``eval.domain_classifier``: a named classifier folder exists and was trained on the images of every model it
+    would score (``auto`` and ``null`` never fail: auto leaves a model of other images without domain metrics)."""
+    choice = params.eval.domain_classifier
+    if choice in (None, "auto"):
+        return
+    _need_dir("eval.domain_classifier", choice, "expected a classifier folder written by train_classifier, auto or null",
+              inside=("classifier.json", "classifier.safetensors"))
+    for m in models:
+        try:
+            domain_classifier_for(choice, params.classifier.path, output_shape(Path(params.model.root) / m))
+        except ValueError as e:
+            raise InputError(f"{' '.join(str(e).split())} (model {m})") from None
 
 
 def eval_inputs(params: Params, model: str | None = None) -> None:
     extractor_weights(params)
     clip_model(params)
     lpips_backbone(params)
+    reference_source(params)
     if model is not None:
         prompt_files(params, model, ("eval.prompts",))
-    _need_file("reference.dir", reference_file(params), "run `tfmq reference-stats` (dvc repro reference_stats) first")
-    _need_dir("classifier.path", params.classifier.path, "run `tfmq train-classifier` first")
+        domain_classifier(params, [model])
+    _need_file("reference.dir", reference_file(params, model),
+               "run `tfmq reference-stats` (dvc repro reference_stats) first")
+    if params.eval.domain_classifier == "auto" and params.reference.source == "idx":  # the pipeline trains it
+        _need_dir("classifier.path", params.classifier.path, "run `tfmq train-classifier` first")
 
 
 def checkpoint(setting: Setting) -> None:
@@ -199,13 +274,18 @@ def run_inputs(command: str, params: Params, setting: Setting | None = None, mod
         extractor_weights(params)
         clip_model(params)
         lpips_backbone(params)
+        reference_source(params)
+        if command == "check":
+            domain_classifier(params, list(params.grid.models))
     elif command == "prepare-data":
         dataset_source(params)
     elif command in ("train", "train-classifier"):
         dataset(params)
     elif command == "reference-stats":
-        dataset(params)
+        if params.reference.source == "idx":
+            dataset(params)
         extractor_weights(params)
+        reference_source(params)
     elif command == "calib-data":
         fp_model(params, model)
         prompt_files(params, model, ("calib_data.prompts",))
@@ -216,7 +296,7 @@ def run_inputs(command: str, params: Params, setting: Setting | None = None, mod
             eval_inputs(params, model)
     elif command == "evaluate":
         assert setting is not None
-        if setting.kind in ("real", "autoencoder"):
+        if setting.kind in ("real", "autoencoder", "fp") and params.reference.source == "idx":
             dataset(params)
         if setting.kind != "real":
             fp_model(params, model)
@@ -238,5 +318,19 @@ def summary(params: Params, settings: list[Setting]) -> str:
     lines += [
              f"dataset: {params.data.path if Path(params.data.path).is_file() else params.data.root}",
              f"extractor: {spec.name}" + (f" (weights {params.eval.inception_weights})" if spec.needs_weights_path else ""),
+             _reference_line(params),
              f"settings: {len(settings)} ({', '.join(f'{s.model}/{s.name}' for s in settings)})"]
     return "\n".join(lines)
+
+
+def _reference_line(params: Params) -> str:
+    """``tfmq check``'s reference line; it says when the embedded 28 px grey data scores a model of other images."""
+    r = params.reference
+    if r.source == "images":
+        return f"reference: {check_reference(r.images)}, centre-cropped + resized to each model's output shape"
+    if r.source == "stats":
+        return f"reference: FID statistics {r.stats} (FID only: sFID, KID and the real-data row absent)"
+    other = sorted({m for m in params.grid.models if output_shape(Path(params.model.root) / m) != (1, 28, 28)})
+    note = (f"; WARNING: {', '.join(other)} make(s) other images than this 1x28x28 data: set reference.images to "
+            "your data" if other else "")
+    return f"reference: the embedded data's {r.split} split ({r.num_images} images){note}"

@@ -119,6 +119,20 @@ class Reference(Section):
     split: Literal["train", "test"]
     num_images: int
     seed: int
+    images: str | None = None  # an image folder or a guided-diffusion reference batch (.npz, arr_0): the user's data
+    stats: str | None = None  # precomputed FID statistics (.npz with mu, sigma): FID only
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Reference":
+        if self.images is not None and self.stats is not None:
+            raise ValueError(f"reference.images={self.images!r} and reference.stats={self.stats!r}: expected at most "
+                             f"one reference source (images give FID, sFID and KID; stats FID alone); fix it in {_FILE}")
+        return self
+
+    @property
+    def source(self) -> str:
+        """``idx`` (the embedded dataset's split), ``images`` or ``stats``."""
+        return "images" if self.images is not None else "stats" if self.stats is not None else "idx"
 
 
 class Eval(Section):
@@ -130,6 +144,7 @@ class Eval(Section):
     inception_weights: str | None
     clip_model: str | None
     lpips_backbone: str | None = None
+    domain_classifier: str | None = "auto"  # auto: classifier.path where it matches the model's images; null; a folder
     prompts: str
     num_bootstrap: int
     grid_images: int

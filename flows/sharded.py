@@ -1,10 +1,10 @@
 """Sharded sampling, scoring and calibration capture, mapped over Dask through Prefect.
 
-``sample_shards`` cuts a setting's ``eval.num_samples`` into shards (``tasks.shards.shard_bounds``, on
-batch boundaries) and maps ``tasks.shards.sample_shard`` over them with Prefect's ``DaskTaskRunner``;
+``sample_shards`` cuts a setting's evaluation job (``tfmq.evaluation.job.EvalJob``) into shards
+(``EvalJob.shard_bounds``, on batch boundaries) and maps ``tasks.shards.sample_shard`` over them with Prefect's ``DaskTaskRunner``;
 ``tasks.evaluate.score_shards`` merges the shard files into the evaluate stage's outputs, the same as
 an unsharded run (``scale_out.shards: 1``, one shard in the stage's own process). ``calib_shards`` does
-the same for the FP calibration trajectories (``tasks.calibration.calib_shard``, merged by
+the same for the FP calibration trajectories of a ``tfmq.diffusion.jobs.CalibJob`` (``tasks.calibration.calib_shard``, merged by
 ``merge_calib_shards``). ``sharded_scores`` is the bare FID / sFID / KID / IS of one model (benchmarks,
 tests). Tasks pass paths, never tensors.
 
@@ -15,7 +15,6 @@ with ``workers`` processes of ``threads`` torch threads each, sized by default s
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,10 @@ from prefect import flow, task
 
 from tasks import calibration as calib_tasks
 from tasks import shards as shard_tasks
+from tfmq.diffusion.jobs import CalibJob
+from tfmq.evaluation.job import EvalJob, feature_layers, shard_bounds
+from tfmq.evaluation.reference_stats import ReferenceStats
+from tfmq.evaluation.shards import load_shard, merge_shards, metrics_from_shards
 
 ADDRESS_ENV = "TFMQ_DASK_ADDRESS"
 
@@ -63,49 +66,35 @@ def run_shards(kind: str, jobs: list[dict[str, Any]], address: str | None = None
     return flow_(kind, jobs)
 
 
-def sample_shards(job: dict[str, Any], num_shards: int, out_dir: str, address: str | None = None,
+def sample_shards(job: EvalJob, num_shards: int, out_dir: str, address: str | None = None,
                   workers: int | None = None, threads: int = 1, plain: bool = False) -> list[str]:
-    """One evaluate stage's samples as ``num_shards`` tasks: ``job`` is ``tasks.evaluate.shard_job``'s."""
-    e = job["e"]
-    bounds = shard_tasks.shard_bounds(job["num_samples"], num_shards,
-                                      math.lcm(e["batch_size"], e.get("feature_batch_size", e["batch_size"])))
+    """One evaluate stage's samples as ``num_shards`` tasks over the library job (``tasks.evaluate.eval_job``)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    jobs = [{**job, "start": a, "stop": b, "out_dir": out_dir, "threads": threads} for a, b in bounds]
+    jobs = [{"job": job, "start": a, "stop": b, "out_dir": out_dir, "threads": threads}
+            for a, b in job.shard_bounds(num_shards)]
     return run_shards("sample", jobs, address, workers, threads, plain)
 
 
-def calib_shards(fp_dir: str, c: dict[str, Any], s: dict[str, Any], num_shards: int, out_dir: str,
-                 address: str | None = None, workers: int | None = None, threads: int = 1,
-                 plain: bool = False) -> list[str]:
-    """One model's calibration trajectories as ``num_shards`` tasks (``c``: calib_data, ``s``: sampler, as dicts)."""
-    bounds = shard_tasks.shard_bounds(c["num_samples"], num_shards, c["batch_size"])
+def calib_shards(job: CalibJob, num_shards: int, out_dir: str, address: str | None = None, workers: int | None = None,
+                 threads: int = 1, plain: bool = False) -> list[str]:
+    """One model's calibration trajectories as ``num_shards`` tasks over the library job (``tasks.calibration.calib_job``)."""
+    bounds = shard_bounds(job.num_samples, num_shards, job.batch_size)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    jobs = [{"fp_dir": fp_dir, "c": c, "s": s, "start": a, "stop": b, "out_dir": out_dir, "threads": threads}
-            for a, b in bounds]
+    jobs = [{"job": job, "start": a, "stop": b, "out_dir": out_dir, "threads": threads} for a, b in bounds]
     return run_shards("calib", jobs, address, workers, threads, plain)
 
 
-@flow(name="sharded-scores", validate_parameters=False)
-def _sharded(fp_dir: str, checkpoint: str | None, num_samples: int, num_shards: int, e: dict[str, Any],
-             sampler: dict[str, Any], reference: str, out_dir: str, threads: int) -> dict[str, Any]:
-    align = math.lcm(e["batch_size"], e["feature_batch_size"])
-    bounds = shard_tasks.shard_bounds(num_samples, num_shards, align)
-    futures = [sample_shard.submit(fp_dir, checkpoint, a, b, num_samples, e, sampler, out_dir, threads) for a, b in bounds]
-    paths = [f.result() for f in futures]
-    return shard_tasks.merged_metrics(paths, reference, e["extractor"], e.get("kid_subsets", 100),
-                                      e.get("kid_subset_size", 1000))
-
-
-def sharded_scores(fp_dir: str, checkpoint: str | None, num_samples: int, num_shards: int, e: dict[str, Any],
-                   sampler: dict[str, Any], reference: str, out_dir: str, address: str | None = None,
-                   workers: int | None = None, threads: int = 1) -> dict[str, Any]:
-    """FID / sFID / KID / IS of ``num_samples`` samples of one model, computed as ``num_shards`` Dask tasks.
-
-    Returns ``{"n", "shards", "fid", "sfid", "kid_mean", "kid_std", "is", "is_std"}`` (the keys the
-    extractor offers). With shard boundaries at multiples of both batch sizes every number equals
-    the unsharded ``compute_metrics`` on the same samples to float64 round-off.
-    """
+def sharded_scores(job: EvalJob, num_shards: int, reference: str, out_dir: str, address: str | None = None,
+                   workers: int | None = None, threads: int = 1, kid_subsets: int = 100,
+                   kid_subset_size: int = 1000) -> dict[str, Any]:
+    """FID / sFID / KID / IS of ``job``'s samples, computed as ``num_shards`` Dask tasks and merged:
+    ``{"n", "shards", "fid", "sfid", "kid_mean", "kid_std", "is", "is_std"}``, equal to the unsharded
+    ``compute_metrics`` on the same samples to float64 round-off."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    runner = task_runner(address, workers, threads)
-    return _sharded.with_options(task_runner=runner)(fp_dir, checkpoint, num_samples, num_shards, e, sampler,
-                                                     reference, out_dir, threads)
+    paths = run_shards("sample", [{"job": job, "start": a, "stop": b, "out_dir": out_dir, "threads": threads}
+                                  for a, b in job.shard_bounds(num_shards)], address, workers, threads)
+    layers = feature_layers(job.extractor)
+    values = metrics_from_shards(merge_shards(load_shard(p) for p in paths), ReferenceStats.load(reference),
+                                 layers["fid"], layers["spatial"], layers["logits"], kid_subsets=kid_subsets,
+                                 kid_subset_size=kid_subset_size)
+    return {"n": job.num_samples, "shards": len(paths), **values}

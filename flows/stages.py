@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from prefect import flow
 
-from flows.checks import reference_file
+from flows.checks import image_shape, real_row_model, reference_file, reference_targets
 from flows.params import Params
 from tasks.setting import Setting
 from tasks import autoencoder as ae_tasks
@@ -80,8 +80,8 @@ def train_classifier_flow(params: Params) -> str:
 
 
 @flow(name="reference-stats", **_OBJECTS)
-def reference_stats_flow(params: Params) -> str:
-    return call(ref_tasks.reference_stats, params.reference, params.eval, params.data.path, reference_file(params))
+def reference_stats_flow(params: Params) -> list[str]:
+    return call(ref_tasks.reference_stats, params.reference, params.eval, params.data.path, reference_targets(params))
 
 
 @flow(name="calib-data", **_OBJECTS)
@@ -100,7 +100,7 @@ def calib_data_flow(params: Params, model: str | None = None) -> str:
 
     scratch = Path(so.scratch) / "calib" / model
     shutil.rmtree(scratch, ignore_errors=True)
-    paths = calib_shards(fp_dir, params.calib_data.model_dump(), params.sampler.model_dump(), so.shards, str(scratch),
+    paths = calib_shards(calib_tasks.calib_job(params.calib_data, params.sampler, fp_dir), so.shards, str(scratch),
                          so.address, so.workers, so.threads, plain=PLAIN.get())
     out = call(calib_tasks.merge_calib_shards, paths, out_dir)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -150,16 +150,18 @@ def quantize_flow(setting: Setting, params: Params, keep_progress: bool = False)
 @flow(name="evaluate", flow_run_name=_run_name("evaluate"), **_OBJECTS)
 def evaluate_flow(setting: Setting, params: Params) -> str:
     """Samples (or, for the real-data row, real images) + metrics + temporal analyses of one setting, then MLflow."""
-    ref, clf = reference_file(params), params.classifier.path
+    clf = params.classifier.path
     if setting.kind == "real":
-        scores = call(real_tasks.score_real, params.eval, params.data.path, params.reference.split, ref, clf,
-                      setting.results_dir)
+        model = real_row_model(params)
+        scores = call(real_tasks.score_real, params.reference, params.eval, params.data.path,
+                      reference_file(params, model), clf, setting.results_dir, image_shape(params, model))
     else:
-        scores = _sample_and_score(setting, params, ref, clf)
+        scores = _sample_and_score(setting, params, reference_file(params, setting.model), clf)
     floor = None
     if setting.kind == "fp" and (scores.get("family") or {}).get("space") == "latent":
-        floor = call(real_tasks.score_reconstructions, setting, params.eval, params.data.path,
-                     params.reference.split, ref, clf)  # the autoencoder's floor under every latent row
+        floor = call(real_tasks.score_reconstructions, setting, params.reference, params.eval, params.data.path,
+                     reference_file(params, setting.model), clf,
+                     image_shape(params, setting.model, idx_as_is=False))  # the autoencoder's floor of every latent row
     temporal = call(eval_tasks.temporal_analysis, setting, params.eval, params.sampler) if setting.quantized else {}
     out = call(eval_tasks.write_metrics, setting, params.eval, params.sampler, scores, temporal, floor)
     call(log_run, setting, params.mlflow, params.model_dump(exclude={"quant"}))
@@ -178,7 +180,7 @@ def _sample_and_score(setting: Setting, params: Params, ref: str, clf: str) -> d
     from flows.sharded import sample_shards
 
     shutil.rmtree(scratch, ignore_errors=True)
-    job = eval_tasks.shard_job(setting, params.eval, params.sampler, clf)
+    job = eval_tasks.eval_job(setting, params.eval, params.sampler, clf)
     paths = sample_shards(job, so.shards, str(scratch), so.address, so.workers, so.threads, plain=PLAIN.get())
     scores = call(eval_tasks.score_shards, setting, params.eval, params.sampler, ref, clf, paths)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -187,5 +189,6 @@ def _sample_and_score(setting: Setting, params: Params, ref: str, clf: str) -> d
 
 @flow(name="report", **_OBJECTS)
 def report_flow(params: Params) -> str:
+    references = {m: reference_file(params, m) for m in dict.fromkeys([*params.grid.models, params.studies.model])}
     return call(report_tasks.report, params.eval.out_dir, params.grid, params.report.path, params.studies,
-                reference_file(params), params.report.num_bootstrap, params.eval.seed)
+                references, params.report.num_bootstrap, params.eval.seed)

@@ -48,17 +48,27 @@ def quant_seconds(m: dict) -> float | None:
 class PairedData:
     """The paired files of one results tree, loaded lazily, and the set-metric evaluators per setting."""
 
-    def __init__(self, out_dir: str, reference_path: str | None, rounds: int, seed: int):
+    def __init__(self, out_dir: str, reference_path: str | dict[str, str] | None, rounds: int, seed: int):
+        """``reference_path``: the reference statistics of every model (one path, or ``model -> path`` when models
+        make images of different shapes; a model without one gets no FID / KID differences)."""
         self.root = Path(out_dir)
         self.rounds, self.seed = rounds, seed
         self._files: dict[tuple[str, str], _Loaded | None] = {}
         self._fid: dict[tuple[str, str], Any] = {}
         self._kid: dict[tuple[str, str], Any] = {}
-        self.ref = None
-        if reference_path and Path(reference_path).is_file():
+        self._paths = reference_path
+        self._refs: dict[str, Any] = {}
+
+    def reference(self, model: str):
+        """The model's ``ReferenceStats`` (``None`` if its file is missing), loaded once per file."""
+        path = self._paths.get(model) if isinstance(self._paths, dict) else self._paths
+        if not path or not Path(path).is_file():
+            return None
+        if path not in self._refs:
             from tfmq.evaluation.reference_stats import ReferenceStats
 
-            self.ref = ReferenceStats.load(reference_path)
+            self._refs[path] = ReferenceStats.load(path)
+        return self._refs[path]
 
     def metrics(self, model: str, name: str) -> dict[str, Any] | None:
         p = self.root / "metrics" / model / f"{name}.json"
@@ -84,10 +94,10 @@ class PairedData:
         cache = self._fid if kind == "fid" else self._kid
         if (model, name) not in cache:
             f = self.load(model, name).features
-            spec = self.ref.spec
-            layer = spec.fid_feature
-            cache[(model, name)] = (FidAgainst(f, self.ref.mu[layer], self.ref.sigma[layer], self.ref.sigma_sqrt(layer))
-                                    if kind == "fid" else KidAgainst(f, self.ref.features[layer].double().numpy()))
+            ref = self.reference(model)
+            layer = ref.spec.fid_feature
+            cache[(model, name)] = (FidAgainst(f, ref.mu[layer], ref.sigma[layer], ref.sigma_sqrt(layer))
+                                    if kind == "fid" else KidAgainst(f, ref.features[layer].double().numpy()))
         return cache[(model, name)]
 
     def compare(self, model: str, a: str, b: str) -> dict[str, Any] | None:
@@ -98,8 +108,9 @@ class PairedData:
         if la is None or lb is None or la.images_n != lb.images_n:
             return None
         out: dict[str, Any] = {"model": model, "a": a, "b": b, "n": la.images_n}
-        if self.ref is not None:
-            for kind in ("fid", "kid"):
+        ref = self.reference(model)
+        if ref is not None:
+            for kind in ("fid", "kid") if ref.features else ("fid",):  # KID needs the real images' features
                 d = _paired_set_difference(self._set_metric(kind, model, a), self._set_metric(kind, model, b),
                                            la.images_n, self.rounds, self.seed, 0.95)
                 out[kind] = {**d, "verdict": verdict(d["ci"], kind, a, b)}

@@ -11,42 +11,45 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
 from tasks.common import COMPUTE_TIMES, device, logger, pipeline_task, show_progress, timed
-from tasks.calibration import class_labels_for, guidance_kwargs
 from tasks.setting import Setting
+from tfmq.diffusion.conditioning import guidance_kwargs, text_conditioning
+from tfmq.diffusion.jobs import SamplerRun
+from tfmq.diffusion.models import load_fp_model
+from tfmq.diffusion.pipelines import output_shape, read_family
+from tfmq.diffusion.sampling import make_scheduler, save_grid
+from tfmq.diffusion.text import read_prompts
+from tfmq.evaluation.classifier import (
+    domain_classifier_for, domain_inception_score_from_logits, load_classifier, predict_logits,
+)
+from tfmq.evaluation.clip_score import clip_score, unavailable
+from tfmq.evaluation.job import PAIRED_ROWS, EvalJob, run_eval_shard
+from tfmq.evaluation.metrics import compute_metrics
+from tfmq.evaluation.paired import fid_between, mean_interval
+from tfmq.evaluation.reference_stats import ReferenceStats
+from tfmq.evaluation.shards import load_shard, merge_shards, scores_from_shards, shard_extra
+from tfmq.evaluation.temporal import default_activation_layers, temporal_report
+from tfmq.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from tfmq.quant.checkpoint import load as load_quantized
 
 
 def load_unet(fp_dir: str, checkpoint: str | None):
     """FP UNet + training scheduler from ``fp_dir``; with a checkpoint, the quantized UNet on top."""
-    from tfmq.diffusion.models import load_fp_model
-
     unet, train_sched = load_fp_model(fp_dir, device())
     if checkpoint is not None:
-        import tfmq
-
-        unet = tfmq.load(checkpoint, unet, device=device())
+        unet = load_quantized(checkpoint, unet, device=device())
     return unet, train_sched
 
 
-def load_model(fp_dir: str, checkpoint: str | None):
-    """The model folder (``tfmq.diffusion.pipelines.DiffusionModel``: UNet, scheduler, FP autoencoder, family);
-    with a checkpoint, its UNet is the quantized one (the autoencoder always stays FP)."""
-    from tfmq.diffusion.pipelines import load_diffusion_model
-
-    model = load_diffusion_model(fp_dir, device())
-    if checkpoint is not None:
-        import tfmq
-
-        model.unet = tfmq.load(checkpoint, model.unet, device=device())
-    return model
-
-
 def _sampler(sampler, train_sched):
-    from tfmq.diffusion.sampling import make_scheduler
-
     return make_scheduler(sampler.name, train_sched.config)
 
 
@@ -54,9 +57,19 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def shard_job(setting: Setting, e, sampler, classifier: str) -> dict[str, Any]:
-    """The plain keyword arguments of ``tasks.shards.sample_shard`` for this setting (all but the index range,
-    ``out_dir`` and threads): what one evaluation shard samples, keeps and compares against."""
+def sampler_run(sampler) -> SamplerRun:
+    """The library's :class:`SamplerRun` of the ``sampler`` params section."""
+    return SamplerRun(sampler.name, sampler.num_inference_steps, sampler.eta, sampler.guidance_scale)
+
+
+def domain_classifier(setting: Setting, e, classifier: str) -> tuple[str | None, str | None]:
+    """The domain classifier of this setting's images (``eval.domain_classifier``; ``classifier``: ``classifier.path``,
+    what ``auto`` names) and, where there is none, why (``tfmq.evaluation.classifier.domain_classifier_for``)."""
+    return domain_classifier_for(e.domain_classifier, classifier, output_shape(setting.fp_dir))
+
+
+def eval_job(setting: Setting, e, sampler, classifier: str) -> EvalJob:
+    """The library job of this setting's evaluation: what every shard samples, keeps and compares against."""
     fp_paired = None
     if setting.kind == "quantized" and setting.paired_path is not None:
         if Path(setting.fp_paired_path).is_file():
@@ -64,29 +77,26 @@ def shard_job(setting: Setting, e, sampler, classifier: str) -> dict[str, Any]:
         else:
             logger().warning("paired metrics skipped: no FP samples at %s (run `tfmq evaluate --fp --model %s` first)",
                              setting.fp_paired_path, setting.model)
-    return {"fp_dir": setting.fp_dir, "checkpoint": setting.checkpoint, "num_samples": e.num_samples,
-            "e": {"seed": e.seed, "batch_size": e.batch_size, "extractor": e.extractor,
-                  "inception_weights": e.inception_weights, "prompts": e.prompts,
-                  "lpips_backbone": e.lpips_backbone},
-            "sampler": sampler.model_dump(), "classifier": classifier, "fp_paired": fp_paired, "keep_images": True}
+    return EvalJob(fp_dir=setting.fp_dir, checkpoint=setting.checkpoint, num_samples=e.num_samples, seed=e.seed,
+                   batch_size=e.batch_size, sampler=sampler_run(sampler), extractor=e.extractor,
+                   inception_weights=e.inception_weights, prompts=e.prompts,
+                   domain_classifier=domain_classifier(setting, e, classifier)[0], fp_paired=fp_paired,
+                   lpips_backbone=e.lpips_backbone, keep_images=True)
 
 
 @pipeline_task
 def sample_and_score(setting: Setting, e, sampler, reference: str, classifier: str, scratch: str) -> dict[str, Any]:
-    """Sample ``eval.num_samples`` images (latents decoded by the FP autoencoder; class-conditional models with
-    classifier-free guidance at ``sampler.guidance_scale``), save a grid, compute FID/sFID/KID/IS (and the domain IS).
+    """Sample ``eval.num_samples`` images (latents decoded by the FP autoencoder; guided models with classifier-free
+    guidance at ``sampler.guidance_scale``), save a grid, compute FID/sFID/KID/IS (and the domain metrics where a
+    domain classifier matches the images).
 
-    In this process, as ONE shard of ``tasks.shards`` (``scratch``: where it is filed, removed after the
-    merge): the same code and numbers as a run sharded over Dask (``flows.sharded.sample_shards``, then
+    In this process, as ONE shard of the library's ``run_eval_shard`` (``scratch``: where it is filed, removed after
+    the merge): the same code and numbers as a run sharded over Dask (``flows.sharded.sample_shards``, then
     ``score_shards``), whatever the shard count."""
-    import shutil
-
-    from tasks.shards import sample_shard
-
     shutil.rmtree(scratch, ignore_errors=True)
+    job = eval_job(setting, e, sampler, classifier)
     with timed(COMPUTE_TIMES, "sample"):
-        path = sample_shard(start=0, stop=e.num_samples, out_dir=scratch, threads=None, progress=show_progress(),
-                            **shard_job(setting, e, sampler, classifier))
+        path = run_eval_shard(job, 0, job.num_samples, scratch, device=device(), progress=show_progress())
     out = _score_shards(setting, e, sampler, reference, classifier, [path])
     shutil.rmtree(scratch, ignore_errors=True)
     return out
@@ -94,21 +104,12 @@ def sample_and_score(setting: Setting, e, sampler, reference: str, classifier: s
 
 @pipeline_task
 def score_shards(setting: Setting, e, sampler, reference: str, classifier: str, paths: list[str]) -> dict[str, Any]:
-    """Merge the evaluation shards of this setting (``tasks.shards.sample_shard`` over ``[0, eval.num_samples)``)
-    into its scores, grid and paired file: what ``sample_and_score`` returns."""
+    """Merge the evaluation shards of this setting (``run_eval_shard`` over ``[0, eval.num_samples)``) into its
+    scores, grid and paired file: what ``sample_and_score`` returns."""
     return _score_shards(setting, e, sampler, reference, classifier, paths)
 
 
 def _score_shards(setting: Setting, e, sampler, reference: str, classifier: str, paths: list[str]) -> dict[str, Any]:
-    import time
-
-    from tasks.shards import PAIRED_ROWS
-    from tfmq.diffusion.pipelines import read_family
-    from tfmq.diffusion.sampling import save_grid
-    from tfmq.evaluation.classifier import load_classifier
-    from tfmq.evaluation.reference_stats import ReferenceStats
-    from tfmq.evaluation.shards import load_shard, merge_shards, scores_from_shards, shard_extra
-
     times: dict[str, float] = {}
     for p in paths:  # what the shards spent, summed over them (worker time, not wall time)
         for k, v in shard_extra(p).get("seconds", {}).items():
@@ -121,14 +122,16 @@ def _score_shards(setting: Setting, e, sampler, reference: str, classifier: str,
     guide = guidance_kwargs(family, sampler.guidance_scale)
     images, labels = merged.rows.pop("images"), merged.rows.pop("class_labels", None)
     named = merged.rows.pop("prompt_labels", None)
-    domain_logits = merged.rows.pop("domain_logits")
+    domain_logits = merged.rows.pop("domain_logits", None)
     per = {k: merged.rows.pop(k).numpy() for k in PAIRED_ROWS if k in merged.rows}
     save_grid(images[: e.grid_images].float().div(127.5).sub(1.0), Path(setting.results_dir) / "plots" / "samples.png",
               nrow=8, scale=2)
+    clf, why = domain_classifier(setting, e, classifier)
     with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
         scores = scores_from_shards(merged, ReferenceStats.load(reference), num_bootstrap=e.num_bootstrap,
                                     bootstrap_seed=e.seed, progress=show_progress())
-        domain = _domain_from_logits(load_classifier(classifier, device()), domain_logits, labels, named)
+        domain = (None if domain_logits is None else
+                  _domain_from_logits(load_classifier(clf, device()), domain_logits, labels, named))
         clip = _clip(setting, e, images, family)
     features = merged.rows[scores["metrics"]["fid"]["feature"]]
     with timed(times, "paired"), timed(COMPUTE_TIMES, "metrics"):
@@ -137,7 +140,26 @@ def _score_shards(setting: Setting, e, sampler, reference: str, classifier: str,
     logger().info("sampled %d images in %d shard(s), %.1f s of sampling, metrics in %.1f s", len(images), len(paths),
                   times.get("sample", 0.0), times["metrics"])
     return _jsonable({"scores": scores, "domain": domain, "clip": clip, "times": times, "family": family.to_json(),
-                      "guidance_scale": guide["guidance_scale"], "paired": paired, "shards": len(paths)})
+                      "guidance_scale": guide["guidance_scale"], "paired": paired, "shards": len(paths),
+                      "absent": absent_metrics(scores, why, family, clip)})
+
+
+def absent_metrics(scores: dict[str, Any] | None, domain_reason: str | None, family=None,
+                   clip: dict[str, Any] | None = None, row_reason: str | None = None) -> dict[str, str]:
+    """Every metric this row does not report, with its reason (``metric -> reason``): never computed on the wrong
+    data, never silently missing."""
+    if row_reason is not None:
+        return {k: row_reason for k in ("fid", "sfid", "kid", "is")}
+    out = dict((scores or {}).get("absent") or {})
+    if domain_reason is not None:
+        out["domain_is"] = domain_reason
+        if family is not None and family.conditioning == "class":
+            out["class_accuracy"] = domain_reason
+        if family is not None and family.conditioning == "text":
+            out["prompt_accuracy"] = domain_reason
+    if clip is not None and not clip.get("available", True):
+        out["clip_score"] = clip.get("reason")
+    return out
 
 
 def _clip(setting: Setting, e, images, family) -> dict[str, Any] | None:
@@ -145,12 +167,9 @@ def _clip(setting: Setting, e, images, family) -> dict[str, Any] | None:
     (``None`` for other families; ``available: false`` and the reason when no CLIP folder is named)."""
     if family.conditioning != "text":
         return None
-    from tfmq.diffusion.text import read_prompts
-    from tfmq.evaluation.clip_score import clip_score, unavailable
-
     if e.clip_model is None:
-        return unavailable("eval.clip_model is null (offline default): prompt accuracy of the domain classifier "
-                           "is reported instead; name a local CLIP ViT-B/32 folder for the paper's CLIP score")
+        return unavailable("eval.clip_model is null (offline default): name a local CLIP ViT-B/32 folder for the "
+                           "paper's CLIP score")
     prompts = read_prompts(e.prompts)
     return clip_score(images, [prompts[j % len(prompts)] for j in range(images.shape[0])], e.clip_model,
                       batch_size=e.batch_size, device=device(), progress=show_progress())
@@ -160,12 +179,6 @@ def paired_against_fp(setting: Setting, images, features, labels, per: dict, e) 
     """Write this row's samples + features (``setting.paired_path``); for a quantized row also its per-sample MSE,
     PSNR, SSIM and feature distance against the FP samples of the same noise (``per``, computed by the shards),
     and return their means with bootstrap intervals and the FID against the FP samples (``None`` without them)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from tfmq.evaluation.paired import fid_between, mean_interval
-    from tfmq.io import atomic_save_safetensors
-
     if setting.paired_path is None:
         return None
     tensors = {"images": images.contiguous(), "features": features.contiguous()}
@@ -182,32 +195,24 @@ def paired_against_fp(setting: Setting, images, features, labels, per: dict, e) 
     return summary
 
 
-def score_images(images, labels, e, reference: str, classifier: str, times: dict[str, float]):
-    """FID/sFID/KID/IS against ``reference`` and the domain IS of ``classifier`` of images in memory (real images,
-    reconstructions; samples go through the shards of ``sample_and_score``)."""
-    from tfmq.evaluation.metrics import compute_metrics
-
+def score_images(images, labels, e, reference: str, classifier: str | None, times: dict[str, float]):
+    """FID/sFID/KID/IS against ``reference`` and the domain IS of ``classifier`` (``None``: none matches these images)
+    of images in memory (real images, reconstructions; samples go through ``run_eval_shard``)."""
     with timed(times, "metrics"), timed(COMPUTE_TIMES, "metrics"):
         scores = compute_metrics(images, reference, extractor=e.extractor, weights_path=e.inception_weights,
                                  num_bootstrap=e.num_bootstrap, bootstrap_seed=e.seed, device=device(),
                                  progress=show_progress())
-        domain = _domain_scores(classifier, images, labels)
+        domain = None
+        if classifier is not None:
+            model = load_classifier(classifier, device())
+            domain = _domain_from_logits(model, predict_logits(model, images, device=device()), labels)
     return scores, domain
 
 
-def _domain_scores(classifier: str, images, labels) -> dict[str, Any] | None:
-    """Domain IS (+ class accuracy for class-conditional samples) from the pipeline's Fashion-MNIST classifier."""
-    from tfmq.evaluation.classifier import load_classifier, predict_logits
-
-    model = load_classifier(classifier, device())
-    return _domain_from_logits(model, predict_logits(model, images, device=device()), labels)
-
-
 def _domain_from_logits(model, logits, labels, prompt_labels=None) -> dict[str, Any]:
-    """``_domain_scores`` from the classifier's logits of the images (``model``: for its recorded test accuracy);
-    ``prompt_labels``: the class each sample's prompt names (-1: none), for the prompt accuracy of text rows."""
-    from tfmq.evaluation.classifier import domain_inception_score_from_logits
-
+    """Domain IS (+ class accuracy of class-conditional samples) from the domain classifier's logits of the images
+    (``model``: for its recorded test accuracy); ``prompt_labels``: the class each sample's prompt names (-1: none),
+    for the prompt accuracy of text rows."""
     s = domain_inception_score_from_logits(logits)
     out = {"is_mean": s["mean"], "is_std": s["std"], "label": s["label"],
            "classifier_test_accuracy": getattr(model, "test_accuracy", None)}
@@ -224,17 +229,10 @@ def _domain_from_logits(model, logits, labels, prompt_labels=None) -> dict[str, 
 @pipeline_task
 def temporal_analysis(setting: Setting, e, sampler) -> dict[str, Any]:
     """FP vs quantized: temporal feature cos per (t, resnet), mismatch delta, trajectory deviation, ranges; plots."""
-    import torch
-
-    from tfmq.evaluation.temporal import default_activation_layers, temporal_report
-    from tfmq.io import atomic_write_text
-
     results_dir = setting.results_dir
     fp_unet, train_sched = load_unet(setting.fp_dir, None)
     q_unet, _ = load_unet(setting.fp_dir, setting.checkpoint)
     class_label = 0 if getattr(fp_unet.config, "num_class_embeds", None) else None  # one fixed class for every t
-    from tasks.calibration import text_conditioning  # a text-guided model: one fixed prompt (the first of eval.prompts)
-
     text = text_conditioning(setting.fp_dir, e.prompts, 1)
     unet_kwargs = None if text is None else {"encoder_hidden_states": text["encoder_hidden_states"].to(device())}
     with timed(COMPUTE_TIMES, "temporal"):
@@ -305,8 +303,12 @@ def write_metrics(setting: Setting, e, sampler, scored: dict[str, Any], temporal
                   floor: dict[str, Any] | None = None) -> str:
     """Merge scores, temporal summary and quantization wall times into one DVC metrics JSON (``setting.metrics_path``);
     ``floor``: a latent FP row's autoencoder reconstruction scores (``autoencoder_floor``)."""
-    from tfmq.io import atomic_write_json
-
+    if scored.get("scores") is None:  # a row whose images cannot exist here (the real row of a stats-only reference)
+        m0 = {"setting": setting.name, "method": setting.method, "bits": setting.bits, "model": setting.model,
+              "fid": None, "absent": scored.get("absent") or {}}
+        atomic_write_json(m0, Path(setting.metrics_path))
+        logger().warning("%s: no metrics (%s)", setting.name, next(iter(m0["absent"].values()), "absent"))
+        return str(setting.metrics_path)
     sc = scored["scores"]
     family = scored.get("family") or {}
     m: dict[str, Any] = {
@@ -317,7 +319,9 @@ def write_metrics(setting: Setting, e, sampler, scored: dict[str, Any], temporal
                         if family.get("autoencoder") else None),
         **score_fields(scored),
     }
-    m.update({ "reference": f"{sc['reference']['split']} split, n={sc['reference']['n']}",
+    ref = sc.get("reference") or {}
+    m.update({"reference": (f"{ref.get('split')} split, n={ref.get('n')}" if ref.get("split") in ("train", "test")
+                            else f"{ref.get('split')}, n={ref.get('n')}"),
         "sampler": sampler.name, "num_inference_steps": sampler.num_inference_steps, "eta": sampler.eta,
         "seed": e.seed,
         "device": device(), "eval_time_sample_s": scored["times"].get("sample"),
@@ -329,8 +333,9 @@ def write_metrics(setting: Setting, e, sampler, scored: dict[str, Any], temporal
             m[key], (m[f"{key}_ci_low"], m[f"{key}_ci_high"]) = v["mean"], v["ci"]
         else:
             m[key] = v
+    m["absent"] = scored.get("absent") or {}  # metric -> why this row does not report it
     if floor is not None:
-        m["autoencoder_floor"] = score_fields(floor)
+        m["autoencoder_floor"] = score_fields(floor) if floor.get("scores") else {"absent": floor.get("absent")}
     if temporal:
         m.update({k: v2 for k, v2 in temporal.get("summary", {}).items()})
     quant_dir = setting.quant_dir

@@ -193,7 +193,7 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
 
 
 @pipeline_task
-def report(out_dir: str, grid, path: str, studies=None, reference_path: str | None = None, rounds: int = 200,
+def report(out_dir: str, grid, path: str, studies=None, reference_path: str | dict[str, str] | None = None, rounds: int = 200,
            seed: int = 0) -> str:
     """Write the results tables, the paired comparisons, the poster's tables and the claims (``report.path``,
     Markdown; their data in ``<eval.out_dir>/claims.json``) and print them."""

@@ -142,7 +142,7 @@ def test_class_dropout_trains_a_null_class():
 def test_guided_calibration_rows_come_in_null_conditional_pairs(tmp_path):
     """CFG capture: rows [0, N) carry the null class, [N, 2N) the sample's class, and both rows of a sample
     share x_t; sampling with guidance = eps_null + g (eps_cond - eps_null) per call."""
-    from tasks.calibration import class_labels_for, guidance_kwargs
+    from tfmq.diffusion.conditioning import class_labels_for, guidance_kwargs
     from tfmq.diffusion.calibration import CalibrationSet, capture_calibration_data
     from tfmq.diffusion.pipelines import load_diffusion_model
     from tfmq.diffusion.sampling import make_scheduler
@@ -168,7 +168,7 @@ def test_latent_model_quantizes_samples_decodes_and_scores(tmp_path, classes):
     """Folder -> latent calibration -> W4A8 tfmq (TIAR, BRECQ, FSC) -> guided sampling -> decode -> FID/IS:
     the quantized model stays near the FP one, the autoencoder is untouched, images are 28x28."""
     import tfmq
-    from tasks.calibration import class_labels_for, guidance_kwargs
+    from tfmq.diffusion.conditioning import class_labels_for, guidance_kwargs
     from tfmq.diffusion.calibration import capture_calibration_data
     from tfmq.diffusion.pipelines import load_diffusion_model
     from tfmq.diffusion.sampling import make_scheduler, sample

@@ -108,12 +108,12 @@ def test_safetensors_backbone_gives_the_same_distance(tmp_path, alexnet_file):
 
 
 def test_shard_rows_carry_lpips_and_the_paired_comparison_reads_it(tmp_path, alexnet_file):
-    """``tasks.shards._paired_rows`` files LPIPS beside PSNR when a backbone is named; ``PairedData.compare`` then
+    """``tfmq.evaluation.job.paired_rows`` files LPIPS beside PSNR when a backbone is named; ``PairedData.compare`` then
     reports the paired LPIPS difference (lower is better) with its interval."""
     from safetensors.torch import save_file
 
     from tasks.claims import PairedData
-    from tasks.shards import _paired_rows
+    from tfmq.evaluation.job import paired_rows as _paired_rows
 
     path = str(alexnet_file[0])
     fp = _images(8, n=12)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.shards import shard_bounds
+from tfmq.evaluation.job import shard_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "fashion_ldm"
@@ -28,7 +28,9 @@ def test_dask_sharded_scores_equal_the_in_process_metrics(tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.sharded import sharded_scores
-    from tasks.calibration import class_labels_for
+    from tfmq.diffusion.jobs import SamplerRun
+    from tfmq.evaluation.job import EvalJob
+    from tfmq.diffusion.conditioning import class_labels_for
     from tfmq.diffusion.data import to_uint8
     from tfmq.diffusion.pipelines import load_diffusion_model
     from tfmq.diffusion.sampling import make_scheduler, sample
@@ -50,7 +52,10 @@ def test_dask_sharded_scores_equal_the_in_process_metrics(tmp_path):
                            progress=False)["values"]
 
     with prefect_test_harness():
-        got = sharded_scores(str(MODEL), None, n, 3, e, sampler, str(ref.path), str(tmp_path / "shards"), workers=2)
+        job = EvalJob(fp_dir=str(MODEL), checkpoint=None, num_samples=n, seed=e["seed"], batch_size=e["batch_size"],
+                      sampler=SamplerRun(**sampler), extractor=e["extractor"], feature_batch_size=e["feature_batch_size"])
+        got = sharded_scores(job, 3, str(ref.path), str(tmp_path / "shards"), workers=2, kid_subsets=10,
+                             kid_subset_size=12)
     assert (got["n"], got["shards"]) == (n, 3)
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
         "shard_0000000_0000008", "shard_0000008_0000016", "shard_0000016_0000024"]

@@ -88,7 +88,7 @@ def test_sharded_evaluate_stage_equals_the_in_process_stage(bench):
     from safetensors.torch import load_file
 
     from flows.sharded import sample_shards
-    from tasks.evaluate import sample_and_score, score_shards, shard_job
+    from tasks.evaluate import sample_and_score, score_shards, eval_job
 
     tmp, ref, perturbed = bench
     torch.set_num_threads(1)  # the workers' thread count: float32 round-off follows it, not the shard count
@@ -102,7 +102,7 @@ def test_sharded_evaluate_stage_equals_the_in_process_stage(bench):
                 got[f"{mode}/{kind}"] = sample_and_score.fn(s, e, SAMPLER, ref, CLASSIFIER, str(root / "scratch"))
                 assert not (root / "scratch").exists()  # the one shard is removed after the merge
             else:
-                paths = sample_shards(shard_job(s, e, SAMPLER, CLASSIFIER), 3, str(root / "shards" / kind),
+                paths = sample_shards(eval_job(s, e, SAMPLER, CLASSIFIER), 3, str(root / "shards" / kind),
                                       workers=2, plain=kind == "fp")  # FP: the --no-prefect path, one by one
                 assert [Path(p).name for p in paths] == ["shard_0000000_0000008", "shard_0000008_0000016",
                                                          "shard_0000016_0000024"]
@@ -131,7 +131,7 @@ def test_sharded_evaluate_stage_equals_the_in_process_stage(bench):
 
 def test_sharded_calib_data_equals_the_in_process_capture(bench):
     from flows.sharded import calib_shards
-    from tasks.calibration import calib_data, merge_calib_shards
+    from tasks.calibration import calib_data, calib_job, merge_calib_shards
 
     tmp, _, _ = bench
     torch.set_num_threads(1)
@@ -139,7 +139,7 @@ def test_sharded_calib_data_equals_the_in_process_capture(bench):
     c = params.calib_data.model_copy(update={"num_samples": 12, "batch_size": 4})
     s = SAMPLER
     calib_data.fn(c, s, str(MODEL), str(tmp / "calib_inproc"))
-    paths = calib_shards(str(MODEL), c.model_dump(), s.model_dump(), 2, str(tmp / "calib_shards"), workers=2)
+    paths = calib_shards(calib_job(c, s, str(MODEL)), 2, str(tmp / "calib_shards"), workers=2)
     assert [Path(p).name for p in paths] == ["shard_0000000_0000008", "shard_0000008_0000012"]
     merge_calib_shards.fn(paths, str(tmp / "calib_dask"))
     a, b = tmp / "calib_inproc", tmp / "calib_dask"

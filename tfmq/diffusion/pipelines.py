@@ -113,6 +113,28 @@ def read_family(model_dir: str | os.PathLike) -> ModelFamily:
                        image_size=None if size is None else (int(size[0]), int(size[1])))
 
 
+def output_shape(model_dir: str | os.PathLike, family: ModelFamily | None = None) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the images a model folder makes, from its configs alone (no weights):
+    a pixel UNet's ``out_channels`` x ``sample_size``; a latent model's decoder output (``out_channels`` of the
+    autoencoder, the UNet's ``sample_size`` times the decoder's upsampling ``2 ** (levels - 1)``), cropped to
+    ``tfmq.json``'s ``image_size`` where that is recorded. Every evaluation input (reference images, the domain
+    classifier) is matched against this shape; nothing assumes 28 px grey."""
+    d = Path(model_dir)
+    family = family or read_family(d)
+    unet = _json(d / "unet" / "config.json")
+    size = unet.get("sample_size", 32)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if family.autoencoder is None:
+        channels = int(unet.get("out_channels", unet.get("in_channels", 3)))
+    else:
+        ae = _json(d / family.autoencoder / "config.json")
+        factor = 2 ** (len(ae.get("block_out_channels", [64])) - 1)
+        channels, h, w = int(ae.get("out_channels", 3)), h * factor, w * factor
+    if family.image_size is not None:
+        h, w = min(h, family.image_size[0]), min(w, family.image_size[1])
+    return channels, int(h), int(w)
+
+
 @dataclass
 class DiffusionModel:
     """A loaded model folder: the (FP) UNet, its training scheduler, the FP autoencoder of a latent model."""

@@ -5,7 +5,8 @@
   ``<|startoftext|>`` / ``<|endoftext|>``) from a caption corpus, so a ``transformers.CLIPTokenizer``
   loads it unchanged; the merges are deterministic (ties broken by the pair itself).
 - :func:`read_prompts` reads a prompt file (one prompt per line, the format of the calibration and
-  evaluation prompt files named in ``params.yaml``).
+  evaluation prompt files named in ``params.yaml``) or, for a ``.json`` path, an MS-COCO captions file
+  (:func:`read_coco_captions`: one caption per image, the paper's evaluation prompts).
 - the prompts' text-encoder states are ``tfmq.diffusion.pipelines.encode_prompts`` (what
   ``StableDiffusionPipeline`` does with a prompt).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -96,9 +98,25 @@ def build_clip_tokenizer(corpus: list[str], out_dir: str | os.PathLike, num_merg
     return tok
 
 
+COCO_EXPECTED = ("expected an MS-COCO captions JSON (annotations/captions_val2014.json layout) "
+                 "or a text file with one prompt per line")
+
+
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The prompts of a prompt file: one per line, surrounding blanks removed, blank lines skipped."""
+    """The prompts of a prompt file; sample j of a run gets prompt j mod P.
+
+    Args:
+        path: a text file, one prompt per line (surrounding blanks removed, blank lines skipped), or a path ending
+            in ``.json`` (any case): an MS-COCO captions file, read by :func:`read_coco_captions` with seed 0
+            (one caption per image, in a seeded random order).
+
+    Example:
+        >>> prompts = read_prompts("prompts/fashion-val.txt")
+        >>> coco = read_prompts("annotations/captions_val2014.json")  # one caption per image, seeded order
+    """
     p = Path(path)
+    if p.suffix.lower() == ".json":
+        return read_coco_captions(p)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -107,6 +125,51 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {p} holds no prompt; expected one prompt per line")
     return prompts
+
+
+def read_coco_captions(path: str | os.PathLike, seed: int = 0) -> list[str]:
+    """One caption per image of an MS-COCO captions file, in a seeded random order of the images.
+
+    The rule, exactly: for each ``image_id`` take the annotation with the lowest ``id`` among those whose
+    caption is not blank; strip it and collapse internal whitespace (newlines included) to single spaces; sort
+    the image ids ascending and shuffle that list in place with ``random.Random(seed).shuffle``; return the
+    captions in that order. So sample j of a run gets caption j mod P, and the first N captions are a
+    deterministic random subset of N images. Images without annotations (``"images"`` entries) are ignored.
+
+    Args:
+        path: a JSON file in the layout of ``annotations/captions_val2014.json``:
+            ``{"images": [...], "annotations": [{"image_id": int, "id": int, "caption": str}, ...]}``.
+        seed: the order's seed (default 0, what :func:`read_prompts` uses).
+
+    Returns:
+        P captions, P the number of images with a caption.
+
+    Example:
+        >>> caps = read_coco_captions("annotations/captions_val2014.json")  # 40504 captions
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"prompt file {p}: cannot read it as JSON ({' '.join(str(e).split())}); {COCO_EXPECTED}") from None
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(anns, list):
+        raise ValueError(f"prompt file {p}: no \"annotations\" list at the top level; {COCO_EXPECTED}")
+    best: dict[int, tuple[int, str]] = {}  # image_id -> (annotation id, caption)
+    for k, a in enumerate(anns):
+        ok = isinstance(a, dict) and isinstance(a.get("caption"), str) and all(
+            isinstance(a.get(f), int) and not isinstance(a.get(f), bool) for f in ("image_id", "id"))
+        if not ok:
+            raise ValueError(f"prompt file {p}: annotation {k} is {str(a)[:80]!r}, not "
+                             f"{{\"image_id\": int, \"id\": int, \"caption\": str}}; {COCO_EXPECTED}")
+        caption = " ".join(a["caption"].split())
+        if caption and (a["image_id"] not in best or a["id"] < best[a["image_id"]][0]):
+            best[a["image_id"]] = (a["id"], caption)
+    if not best:
+        raise ValueError(f"prompt file {p}: no annotation holds a caption; {COCO_EXPECTED}")
+    order = sorted(best)
+    random.Random(seed).shuffle(order)
+    return [best[i][1] for i in order]
 
 
 # --- captions of a labelled image set (the embedded text-guided default) --------------------------------

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from tfmq.diffusion.data import FASHION_MNIST_CLASSES
+from tfmq.diffusion.text import class_of_prompt
 from tfmq.evaluation.feature_metrics import inception_score_from_logits
 from tfmq.io import atomic_save_safetensors, atomic_write_json
 
@@ -212,3 +214,46 @@ def class_accuracy(
     per_class = {int(c): float(hit[y == c].float().mean()) for c in torch.unique(y)}
     return {"accuracy": float(hit.float().mean()), "per_class": per_class, "n": int(y.numel()),
             "label": CLASS_ACC_LABEL, "classifier_test_accuracy": getattr(model, "test_accuracy", None)}
+
+
+def classifier_input_shape(path: str | Path) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the images a classifier saved by ``train_classifier`` was trained on."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / CONFIG_NAME).read_text())["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise FileNotFoundError(f"no classifier in {path} ({e}); expected {WEIGHTS_NAME} and {CONFIG_NAME} written by "
+                                "train_classifier") from None
+    size = int(cfg.get("image_size", 28))
+    return int(cfg.get("in_channels", 1)), size, size
+
+
+def domain_classifier_for(choice: str | None, default: str | Path, image_shape: tuple[int, int, int]
+                          ) -> tuple[str | None, str | None]:
+    """The domain classifier an evaluation of images of ``image_shape`` (C, H, W) uses, and why none if none.
+
+    ``choice``: ``"auto"`` (``default``, our Fashion-MNIST classifier, when it was trained on images of this shape),
+    ``None`` (no domain metrics), or a classifier folder, which must match. Returns ``(path, None)`` or
+    ``(None, reason)``: domain IS, class accuracy and prompt accuracy are never computed on images a classifier
+    was not trained on (an RGB 256 px LSUN sample through a 28 px garment classifier is no number at all).
+    """
+    if choice is None:
+        return None, "eval.domain_classifier is null: no classifier of this data's domain"
+    path = str(default) if choice == "auto" else str(choice)
+    if choice == "auto" and not (Path(path) / CONFIG_NAME).is_file():
+        return None, f"no domain classifier at {path} (eval.domain_classifier: auto)"
+    have = classifier_input_shape(path)
+    if tuple(have) == tuple(image_shape):
+        return path, None
+    why = (f"the domain classifier {path} was trained on {have[0]}x{have[1]}x{have[2]} images; this model makes "
+           f"{image_shape[0]}x{image_shape[1]}x{image_shape[2]}")
+    if choice == "auto":
+        return None, why + " (eval.domain_classifier: auto uses it only on the data it was trained on)"
+    raise ValueError(f"eval.domain_classifier={choice!r}: {why}; expected a classifier of this model's images, "
+                     "auto or null")
+
+
+def prompt_labels(prompts: list[str]) -> torch.Tensor:
+    """The Fashion-MNIST class each prompt names (``tfmq.diffusion.text.class_of_prompt``), -1 where none."""
+    found = (class_of_prompt(p, FASHION_MNIST_CLASSES) for p in prompts)
+    return torch.tensor([-1 if c is None else c for c in found], dtype=torch.int64)

@@ -155,6 +155,15 @@ def score_features(
             details["fid"]["ci95"] = bs["ci"]
             details["fid"]["bootstrap"] = {**bs, "seconds": seconds["fid_bootstrap"]}
             values[f"fid_ci95_low/{ext}"], values[f"fid_ci95_high/{ext}"] = bs["ci"]
+    absent: dict[str, str] = {}
+    if "sfid" in wanted and spec.spatial_feature not in frechet and spec.spatial_feature not in ref.mu:
+        wanted.remove("sfid")
+        absent["sfid"] = (f"the reference {ref.meta.get('split')} holds FID statistics only (reference.stats); sFID "
+                          "needs the real images' spatial features (reference.images)")
+    if "kid" in wanted and spec.fid_feature not in ref.features:
+        wanted.remove("kid")
+        absent["kid"] = (f"the reference {ref.meta.get('split')} holds FID statistics only (reference.stats); KID "
+                         "needs the real images' features (reference.images)")
     if "sfid" in wanted:
         t0 = time.perf_counter()
         f, dims = fd(spec.spatial_feature)
@@ -192,4 +201,5 @@ def score_features(
         "reference": {k: ref.meta.get(k) for k in ("split", "n", "data_sha256", "extractor", "image_size")}
         | {"path": str(ref.path)},
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "absent": absent,
     }

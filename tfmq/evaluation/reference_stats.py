@@ -188,3 +188,32 @@ def compute_reference_stats(
     atomic_save_safetensors(tensors, out_path, metadata={k: json.dumps(v) for k, v in meta.items()})
     atomic_write_json(meta, _meta_path(out_path))
     return ReferenceStats(out_path, meta, {k: feats[k] for k in (spec.fid_feature, spec.spatial_feature)}, mu, sigma)
+
+
+def fid_stats_reference(mu: np.ndarray, sigma: np.ndarray, out_path: str | Path, extractor: str,
+                        source: str) -> ReferenceStats:
+    """A reference of precomputed FID statistics alone (pytorch-fid / torch-fidelity ``mu``, ``sigma``), cached like
+    ``compute_reference_stats``: FID (with its bootstrap interval) is scored against it; sFID and KID need the real
+    images' features, so scores against it list them as absent with that reason.
+
+    Args:
+        mu, sigma: float64 [D], [D, D] of the extractor's FID layer (``tfmq.evaluation.reference_data.load_fid_stats``).
+        extractor: the network the statistics were computed with; D must be its FID layer's width.
+        source: the statistics file, recorded in the meta.
+    """
+    spec = get_extractor_spec(extractor)
+    dims = int(spec.fid_feature) if spec.fid_feature.isdigit() else None
+    if dims is not None and mu.shape[0] != dims:
+        raise ValueError(f"{source}: statistics of {mu.shape[0]}-d features, but eval.extractor={spec.name} scores FID "
+                         f"on its {dims}-d layer {spec.fid_feature!r}; expected statistics of the same network "
+                         "(pytorch-fid's 2048-d pool3: eval.extractor inception-v3-compat with eval.inception_weights)")
+    out_path = Path(out_path)
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    meta = {"extractor": spec.name, "image_size": spec.image_size, "n": 0, "data_sha256": None, "split": source,
+            "format_version": REFERENCE_FORMAT_VERSION, "stats_only": True, "source": source,
+            "extractor_label": spec.label, "fid_feature": spec.fid_feature, "spatial_feature": None,
+            "feature_dims": {spec.fid_feature: int(mu.shape[0])}}
+    tensors = {f"mu.{spec.fid_feature}": torch.from_numpy(mu), f"sigma.{spec.fid_feature}": torch.from_numpy(sigma)}
+    atomic_save_safetensors(tensors, out_path, metadata={k: json.dumps(v) for k, v in meta.items()})
+    atomic_write_json(meta, _meta_path(out_path))
+    return ReferenceStats(out_path, meta, {}, {spec.fid_feature: mu}, {spec.fid_feature: sigma})

@@ -245,7 +245,7 @@ def scores_from_shards(merged: ShardStats, reference, metrics: Iterable[str] = (
         raise ShardError(f"shards of extractor {merged.extractor!r} against a reference of {reference.meta.get('extractor')!r}")
     frechet = {}
     for layer, m in merged.moments.items():
-        if layer not in merged.rows:
+        if layer not in merged.rows and layer in reference.mu:  # a stats-only reference has no spatial layer
             frechet[layer] = (frechet_from_moments(m, reference.mu[layer], reference.sigma_sqrt(layer),
                                                    float(np.trace(reference.sigma[layer]))), int(m.mean.shape[0]))
     return score_features(merged.rows, reference, merged.n, metrics, num_bootstrap, bootstrap_seed, kid_subsets,

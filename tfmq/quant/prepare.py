@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from diffusers.models.attention_processor import Attention
 
 from .config import QuantConfig
@@ -19,6 +20,7 @@ from .layers import QuantAttnProcessor, QuantLayer, layer_policy, set_module
 from .quantizer import ActQuantizer, TimestepContext
 from .recipes import Recipe, get_recipe
 
+PROGRESS_MIN_LAYERS = 50  # below this the clipping search takes seconds: no bar
 
 
 @dataclass
@@ -157,11 +159,15 @@ def resolve_config(config: QuantConfig) -> QuantConfig:
     )
 
 
-def prepare_model(unet: nn.Module, config: QuantConfig, init: bool = True) -> nn.Module:
+def prepare_model(unet: nn.Module, config: QuantConfig, init: bool = True, progress: bool = True) -> nn.Module:
     """Wrap ``unet`` in place for ``config``: quantized layers, attention matmul quantizers, hook.
 
     Weight quantizers are initialised by the per-channel clipping search (unless ``init=False``,
     used when a checkpoint is about to overwrite them). The model starts in FP mode.
+
+    Args:
+        progress: a progress bar over the layers being initialised (shown only when there are at least
+            ``PROGRESS_MIN_LAYERS`` of them and ``init``: the search takes ~14 min on SD v1.4 on 2 CPU cores).
     """
     if is_quantized(unet):
         raise ValueError("this UNet is already prepared for quantization; start from a fresh FP model")
@@ -172,7 +178,9 @@ def prepare_model(unet: nn.Module, config: QuantConfig, init: bool = True) -> nn
     ctx = TimestepContext()
     splits = _shortcut_splits(unet) if split_shortcut else {}
     targets = [(n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    for name, module in targets:
+    bar = tqdm(targets, desc="weight clipping search", unit="layer", leave=False,
+               disable=not (progress and init and len(targets) >= PROGRESS_MIN_LAYERS))
+    for name, module in bar:
         wq, aq = layer_policy(name, policy)
         if not wq:
             continue
