@@ -296,10 +296,10 @@ def run_inputs(command: str, params: Params, setting: Setting | None = None, mod
             eval_inputs(params, model)
     elif command == "evaluate":
         assert setting is not None
-        if setting.kind in ("real", "autoencoder", "fp") and params.reference.source == "idx":
-            dataset(params)
         if setting.kind != "real":
             fp_model(params, model)
+        if setting.kind in ("real", "autoencoder", "fp") and params.reference.source == "idx":
+            dataset(params)  # the real row, and a latent FP row's autoencoder floor, read the IDX images
         eval_inputs(params, model if setting.kind != "real" else None)
         if setting.quantized:
             checkpoint(setting)

@@ -32,7 +32,7 @@ from tfmq.evaluation.classifier import (
 )
 from tfmq.evaluation.clip_score import clip_score, unavailable
 from tfmq.evaluation.job import PAIRED_ROWS, EvalJob, run_eval_shard
-from tfmq.evaluation.metrics import compute_metrics
+from tfmq.evaluation.metrics import Scores, compute_metrics
 from tfmq.evaluation.paired import fid_between, mean_interval
 from tfmq.evaluation.reference_stats import ReferenceStats
 from tfmq.evaluation.shards import load_shard, merge_shards, scores_from_shards, shard_extra
@@ -256,25 +256,16 @@ def temporal_analysis(setting: Setting, e, sampler) -> dict[str, Any]:
     return _jsonable({"summary": rep["summary"], "per_timestep": rows})
 
 
-def _first(values: dict[str, Any], *prefixes: str) -> Any:
-    for p in prefixes:
-        for k, v in values.items():
-            if k.split("/")[0] == p:
-                return v
-    return None
-
-
 def score_fields(scored: dict[str, Any]) -> dict[str, Any]:
     """The metric fields of one scored image set (FID with interval, sFID, KID, IS and the domain IS)."""
-    sc = scored["scores"]
-    v, det = sc["values"], sc["metrics"]
+    sc = Scores.from_result(scored["scores"])
     domain = scored.get("domain") or {}
     m: dict[str, Any] = {
-        "extractor": sc["extractor"], "extractor_label": sc["extractor_label"],
-        "fid": _first(v, "fid"), "fid_ci_low": _first(v, "fid_ci95_low"), "fid_ci_high": _first(v, "fid_ci95_high"),
-        "sfid": _first(v, "sfid", "sfid_proxy"), "sfid_label": det.get("sfid", {}).get("label"),
-        "kid_mean": _first(v, "kid_mean"), "kid_std": _first(v, "kid_std"),
-        "is_imagenet_mean": _first(v, "is", "is_proxy"), "is_imagenet_std": _first(v, "is_std", "is_proxy_std"),
+        "extractor": sc.extractor, "extractor_label": sc.extractor_label,
+        "fid": sc.fid, "fid_ci_low": sc.fid_ci[0] if sc.fid_ci else None,
+        "fid_ci_high": sc.fid_ci[1] if sc.fid_ci else None, "sfid": sc.sfid, "sfid_label": sc.sfid_label,
+        "kid_mean": sc.kid_mean, "kid_std": sc.kid_std,
+        "is_imagenet_mean": sc.inception_score, "is_imagenet_std": sc.inception_score_std,
     }
     if domain.get("is_mean") is not None:  # offline: the Fashion-MNIST classifier's IS is the meaningful one
         acc = domain.get("classifier_test_accuracy")
@@ -287,12 +278,12 @@ def score_fields(scored: dict[str, Any]) -> dict[str, Any]:
             m.update(prompt_accuracy=domain["prompt_accuracy"], prompt_accuracy_n=domain["prompt_accuracy_n"],
                      prompt_accuracy_label="prompt accuracy (domain classifier)")
     else:
-        m.update(is_mean=m["is_imagenet_mean"], is_std=m["is_imagenet_std"], is_label=det.get("is", {}).get("label"))
+        m.update(is_mean=sc.inception_score, is_std=sc.inception_score_std, is_label=sc.is_label)
     clip = scored.get("clip")
     if clip is not None:
         m.update(clip_score=clip.get("value"), clip_score_std=clip.get("std"), clip_score_label=clip.get("label"),
                  clip_score_note=None if clip.get("available") else clip.get("reason"))
-    m["num_samples"] = sc["n_fake"]
+    m["num_samples"] = sc.n
     if scored.get("reconstruction"):  # the autoencoder floor: PSNR of the reconstructions
         m.update(scored["reconstruction"])
     return m

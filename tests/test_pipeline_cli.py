@@ -106,10 +106,11 @@ def test_check_success_prints_what_the_run_uses(capsys):
                         "model fashion_ldm_class: models/fashion_ldm_class (latent-class, UNet2DModel)",
                         "model fashion_sd: models/fashion_sd (latent-text, UNet2DConditionModel)"]
     assert out[5] == "extractor: efficientnet-lite0-112"
-    assert out[6].startswith("settings: 45 (fashion_ldm/naive-W8A8, fashion_ldm/freeze-W8A8,")  # 36 grid + 9 studies
-    assert "fashion_ldm_class/tfmq-W4A8, fashion_sd/naive-W8A8," in out[6]
-    assert "fashion_sd/tfmq-W4A8, fashion_ldm/brecq-W8A8," in out[6]
-    assert out[6].endswith("fashion_ldm/ptqd-eq-W4A8)")
+    assert out[6] == "reference: the embedded data's test split (2000 images)"  # every model makes 1x28x28: no warning
+    assert out[7].startswith("settings: 45 (fashion_ldm/naive-W8A8, fashion_ldm/freeze-W8A8,")  # 36 grid + 9 studies
+    assert "fashion_ldm_class/tfmq-W4A8, fashion_sd/naive-W8A8," in out[7]
+    assert "fashion_sd/tfmq-W4A8, fashion_ldm/brecq-W8A8," in out[7]
+    assert out[7].endswith("fashion_ldm/ptqd-eq-W4A8)")
 
 
 # --- a truncated or foreign checkpoint ----------------------------------------------------------

@@ -16,8 +16,9 @@ Example::
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -203,3 +204,34 @@ def score_features(
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
         "absent": absent,
     }
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The set metrics of one scored image set, read by name from ``compute_metrics`` / ``scores_from_shards``'s
+    result (``None``: not computed; ``absent`` says why). FID/KID/sFID/IS are those of ``extractor``."""
+
+    extractor: str
+    extractor_label: str
+    n: int
+    fid: float | None = None
+    fid_ci: tuple[float, float] | None = None
+    sfid: float | None = None
+    sfid_label: str | None = None
+    kid_mean: float | None = None
+    kid_std: float | None = None
+    inception_score: float | None = None
+    inception_score_std: float | None = None
+    is_label: str | None = None
+    absent: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> "Scores":
+        det, ext = result["metrics"], result["extractor"]
+        fid, sfid, kd, isc = (det.get(k) or {} for k in ("fid", "sfid", "kid", "is"))
+        ci = fid.get("ci95")
+        return cls(extractor=ext, extractor_label=result["extractor_label"], n=int(result["n_fake"]),
+                   fid=fid.get("value"), fid_ci=None if ci is None else (float(ci[0]), float(ci[1])),
+                   sfid=sfid.get("value"), sfid_label=sfid.get("label"), kid_mean=kd.get("mean"), kid_std=kd.get("std"),
+                   inception_score=isc.get("mean"), inception_score_std=isc.get("std"), is_label=isc.get("label"),
+                   absent=dict(result.get("absent") or {}))

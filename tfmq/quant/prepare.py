@@ -178,8 +178,9 @@ def prepare_model(unet: nn.Module, config: QuantConfig, init: bool = True, progr
     ctx = TimestepContext()
     splits = _shortcut_splits(unet) if split_shortcut else {}
     targets = [(n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    wanted = progress and init and len(targets) >= PROGRESS_MIN_LAYERS
     bar = tqdm(targets, desc="weight clipping search", unit="layer", leave=False,
-               disable=not (progress and init and len(targets) >= PROGRESS_MIN_LAYERS))
+               disable=None if wanted else True)  # None: only on a terminal (logs and captured stderr stay clean)
     for name, module in bar:
         wq, aq = layer_policy(name, policy)
         if not wq:
