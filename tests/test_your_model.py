@@ -262,3 +262,16 @@ def test_bad_user_inputs_are_one_line_and_exit_2(user, edit, words, capsys):
     assert _cli(ws, "check", "--config", "params_bad.yaml") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+
+
+def test_check_warns_when_the_embedded_data_would_score_rgb_models(user, capsys):
+    """``reference.images: null`` with RGB models: the check passes (FID is computable) but says, on the reference
+    line, that the 1x28x28 grey data is not these models' data."""
+    _, ws = user
+    p = yaml.safe_load((ws / "params.yaml").read_text())
+    p["reference"]["images"] = None
+    (ws / "params_idx.yaml").write_text(yaml.safe_dump(p))
+    capsys.readouterr()
+    assert _cli(ws, "check", "--config", "params_idx.yaml") == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("reference:"))
+    assert "WARNING: rgb_ldm, rgb_sd make(s) other images than this 1x28x28 data" in line
