@@ -6,6 +6,10 @@
                                                       # freeze and tfmq without FSC), paired against tfmq at the same bits
     python scripts/studies.py eqseeds [1 2]           # equal footing at these quant.seed: each method paired with tfmq
                                                       # at the same seed (seed 0: the default run's rows)
+    python scripts/studies.py replicate [1 2]         # every setting the claims compare on studies.model (W4A8) at these
+                                                      # quant.seed, each paired with its claim's base at the same seed
+    python scripts/studies.py mechanisms [0 1 2]      # TFMQ / Freeze / joint BRECQ at 1 000 reconstruction iterations
+                                                      # (TIAR 2 000) at these seeds, paired with Freeze at the same seed
     python scripts/studies.py plot         # results/studies/iterations.png from the collected rows
     python scripts/studies.py table seeds  # the rows as a Markdown table (mean and spread per method for seeds; stress too)
 
@@ -35,6 +39,17 @@ STRESS = [(f"{m}-{b}", m, b, {}) for b in ("W4A6", "W8A4", "W4A4") for m in ("na
 #: equal footing: every method on TFMQ's layer policy, without attention matmuls and shortcut split (params.yaml studies)
 EQ_FOOTING = {"policy": "tfmq", "attention_matmul": "false", "split_shortcut": "false"}
 EQ_METHODS = ("naive", "ptq4dm", "qdiffusion", "ptqd")
+#: the settings behind the claims (b)-(d) on studies.model, W4A8: (name, method, extra quant keys, the claim's base)
+REPLICATE = [("tfmq-W4A8", "tfmq", {}, None), ("freeze-W4A8", "freeze", {}, None),
+             ("brecq-W4A8", "brecq", {}, "freeze-W4A8"),
+             ("tfmq-notiar-W4A8", "tfmq", {"tiar": "false"}, "tfmq-W4A8"),
+             ("tfmq-nofsc-W4A8", "tfmq", {"fsc": "false"}, "tfmq-W4A8"),
+             ("tfmq-fsctib-W4A8", "tfmq", {"fsc_scope": "tib"}, "tfmq-W4A8"),
+             *[(f"{m}-eq-W4A8", m, EQ_FOOTING, "tfmq-W4A8") for m in EQ_METHODS],
+             *[(f"{m}-W4A8", m, {}, "tfmq-W4A8") for m in ("ptq4dm", "qdiffusion", "ptqd")]]
+#: the mechanisms study: reconstruction iterations where AdaRound moves enough weights to act (TIAR: 2x)
+MECHANISM_ITERS = 1000
+MECHANISM_METHODS = ("freeze", "tfmq", "brecq")
 KEYS = ("fid", "fid_ci_low", "fid_ci_high", "kid_mean", "psnr_vs_fp", "psnr_vs_fp_ci_low", "psnr_vs_fp_ci_high",
         "ssim_vs_fp", "fid_vs_fp", "temporal_cos_mean", "quant_time_total_s", "quant_time_recon_blocks_s")
 
@@ -144,17 +159,19 @@ def _run(study: str, values: tuple[int, ...] | None, grid_params: str) -> Path:
 
 
 def _paired_study(study: str, points: list[tuple[str, str, str, dict]], bases: dict[str, str],
-                  grid_copies: dict[str, str] | None = None) -> Path:
+                  grid_copies: dict[str, str] | None = None, fractions: bool = False) -> Path:
     """Run ``points`` (``(name, method, bits, extra quant keys)``, each a ``dvc exp run ... run_exp``), keep each one's
     metrics and paired file under ``results/studies/<study>/`` (the paired files are not committed), then compare
     each point with its base (``bases[name]``) on the same samples (``tasks.claims.PairedData``: FID / KID / PSNR
     differences, bootstrap intervals). ``grid_copies``: ``{name: grid setting}`` rows taken from the default run
-    (its metrics and paired files) instead of being run."""
+    (its metrics and paired files) instead of being run. ``fractions``: each row also gets the fraction of weights
+    AdaRound moved off round-to-nearest, read from its checkpoint."""
     import shutil
 
     grid_params = (ROOT / "params.yaml").read_text()
     p = _params()
-    model, out_dir = p["model"]["name"], p["eval"]["out_dir"]
+    model, out_dir, qdir = p["model"]["name"], p["eval"]["out_dir"], p["quant_out"]["dir"]
+    model_dir = str(Path(p["model"]["root"]) / model)
     root = ROOT / "results" / "studies" / study
     out = ROOT / "results" / "studies" / f"{study}.json"
     data = json.loads(out.read_text()) if out.is_file() else {"study": study, "rows": []}
@@ -164,6 +181,9 @@ def _paired_study(study: str, points: list[tuple[str, str, str, dict]], bases: d
             (root / sub / model).mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / out_dir / sub / model / f"{src_name}{suffix}", root / sub / model / f"{name}{suffix}")
         m = json.loads((root / "metrics" / model / f"{name}.json").read_text())
+        if fractions:
+            ckpt = ROOT / qdir / model / src_name / "model"
+            extra["off_nearest_fraction"] = _checkpoint_fraction(model_dir, str(ckpt)) if ckpt.is_dir() else None
         data["rows"] = [r for r in data["rows"] if r["setting"] != name] + [
             {"setting": name, "method": method, "bits": bits, **{k: m.get(k) for k in KEYS}, **extra}]
         _save_study(out, data)
@@ -220,6 +240,32 @@ def eqseeds(seeds: tuple[int, ...] | None = None) -> Path:
         points += [(f"{m}-eq-W4A8-s{s}", m, "W4A8", {**EQ_FOOTING, "seed": s}) for m in EQ_METHODS]
     grid = {"tfmq-W4A8-s0": "tfmq-W4A8", **{f"{m}-eq-W4A8-s0": f"{m}-eq-W4A8" for m in EQ_METHODS}}
     return _paired_study("eqseeds", points, bases, grid)
+
+
+def replicate(seeds: tuple[int, ...] | None = None) -> Path:
+    """Every ``REPLICATE`` setting at more calibration / reconstruction seeds (``<name>-s<seed>``), each paired with
+    its claim's base at the same seed; seed 0 is the default run's rows. The claims read the result
+    (``tasks.claims``: a verdict must hold at every seed)."""
+    seeds = seeds or SEEDS
+    points, bases = [], {}
+    for s in (0, *seeds):
+        bases.update({f"{n}-s{s}": f"{b}-s{s}" for n, _, _, b in REPLICATE if b is not None})
+    for s in seeds:
+        points += [(f"{n}-s{s}", m, "W4A8", {**extra, "seed": s}) for n, m, extra, _ in REPLICATE]
+    return _paired_study("replicate", points, bases, {f"{n}-s0": n for n, *_ in REPLICATE})
+
+
+def mechanisms(seeds: tuple[int, ...] | None = None) -> Path:
+    """TFMQ, Freeze and joint BRECQ (W4A8) at ``MECHANISM_ITERS`` reconstruction iterations (TIAR twice that) at
+    ``seeds`` (default 0 1 2): the budget at which the paper's mechanisms (TIAR against overfitting, joint
+    optimisation of temporal layers) can act. Each paired with Freeze at the same seed; every row records the
+    fraction of weights AdaRound moved off nearest."""
+    seeds = seeds or (0, *SEEDS)
+    it = MECHANISM_ITERS
+    points = [(f"{m}-W4A8-i{it}-s{s}", m, "W4A8", {"recon.iters": it, "tiar_recon.iters": 2 * it, "seed": s})
+              for s in seeds for m in MECHANISM_METHODS]
+    bases = {f"{m}-W4A8-i{it}-s{s}": f"freeze-W4A8-i{it}-s{s}" for s in seeds for m in MECHANISM_METHODS if m != "freeze"}
+    return _paired_study("mechanisms", points, bases, fractions=True)
 
 
 def eqseeds_table() -> str:
@@ -333,15 +379,16 @@ def table(study: str) -> str:
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what not in ("iterations", "seeds", "stress", "eqseeds", "plot", "table"):
-        print("usage: python scripts/studies.py iterations|seeds|eqseeds [values...] | stress | plot | "
+    if what not in ("iterations", "seeds", "stress", "eqseeds", "replicate", "mechanisms", "plot", "table"):
+        print("usage: python scripts/studies.py iterations|seeds|eqseeds|replicate|mechanisms [values...] | stress | plot | "
               "table iterations|seeds|stress|eqseeds",
               file=sys.stderr)
         sys.exit(2)
     if what == "stress":
         print(stress())
-    elif what == "eqseeds":
-        print(eqseeds(tuple(int(v) for v in sys.argv[2:]) or None))
+    elif what in ("eqseeds", "replicate", "mechanisms"):
+        fn = {"eqseeds": eqseeds, "replicate": replicate, "mechanisms": mechanisms}[what]
+        print(fn(tuple(int(v) for v in sys.argv[2:]) or None))
     elif what == "table":
         which = sys.argv[2] if len(sys.argv) > 2 else "seeds"
         print(stress_table() if which == "stress" else eqseeds_table() if which == "eqseeds" else table(which))
