@@ -107,3 +107,17 @@ def test_variance_absorption_only_with_eta_above_zero():
     corr.sigma_q.copy_(saved)
     det = sample(q, sched(), 3, steps, batch_size=3, seed=5, eta=0.0, progress=False)
     assert det.shape == base.shape
+
+
+def test_variance_absorption_in_several_batches_equals_one_batch():
+    """PTQD at eta > 0 over several sampler batches: sample j depends on (seed, j) only, so 3 batches of 2 equal one
+    batch of 6 (the step noise once overwrote the run's initial noise, which the second batch then started from)."""
+    q = _ptqd()
+    sched = lambda: DDIMScheduler(**{k: v for k, v in SCHED_CFG.items() if k in DDIMScheduler.__init__.__code__.co_varnames})  # noqa: E731
+    steps = len(calib().timesteps)
+    assert noise_correction(q).sigma_q.abs().max() > 0  # absorption acts
+    whole = sample(q, sched(), 6, steps, batch_size=6, seed=5, eta=1.0, progress=False)
+    batched = sample(q, sched(), 6, steps, batch_size=2, seed=5, eta=1.0, progress=False)
+    assert whole.shape == batched.shape == (6, *whole.shape[1:])
+    assert torch.allclose(batched, whole, atol=1e-5, rtol=0)  # batching only reorders float sums
+    assert (batched[:2] - batched[2:4]).abs().max() > 1e-3  # the batches start from different noise

@@ -233,8 +233,11 @@ def sample(
                     from diffusers.utils.torch_utils import randn_tensor
 
                     scale = absorb.noise_scale(scheduler, int(t), eta)
-                    noise = randn_tensor(eps.shape, generator=step_kwargs["generator"], device=eps.device, dtype=eps.dtype)
-                    kw = {**{k: v for k, v in step_kwargs.items() if k != "generator"}, "variance_noise": noise * scale}
+                    # its own name: ``noise`` is the run's initial x_T, which the next batch still reads
+                    step_noise = randn_tensor(eps.shape, generator=step_kwargs["generator"], device=eps.device,
+                                              dtype=eps.dtype)
+                    kw = {**{k: v for k, v in step_kwargs.items() if k != "generator"},
+                          "variance_noise": step_noise * scale}
                 x = scheduler.step(eps, t, x, **kw).prev_sample
                 bar.update(1)
             outputs.append(x.float().cpu())  # never clamped here: latents are not images
