@@ -31,6 +31,7 @@ WEIGHTS_NAME = "classifier.safetensors"
 CONFIG_NAME = "classifier.json"
 DOMAIN_IS_LABEL = "domain IS (fashion-mnist classifier)"
 CLASS_ACC_LABEL = "class accuracy (fashion-mnist classifier)"
+DOMAIN_FD_LABEL = "domain FD (fashion-mnist classifier, 128-d penultimate features)"
 
 
 class FashionMNISTClassifier(nn.Module):
@@ -55,6 +56,12 @@ class FashionMNISTClassifier(nn.Module):
 
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(_to_input(x_uint8)))
+
+    def embed(self, x_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penultimate features [N, 128] after the head's ReLU, logits [N, classes]) in one pass: the features of
+        the domain Fréchet distance (``domain_frechet``) and the labels of the same images."""
+        h = self.head[:-1](self.features(_to_input(x_uint8)))
+        return h, self.head[-1](h)
 
 
 def _to_input(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +92,19 @@ def predict_logits(
     for i in tqdm(range(0, images_uint8.shape[0], batch_size), disable=not progress, leave=False, desc="classify"):
         out.append(model(images_uint8[i : i + batch_size].to(device)).float().cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_embeddings(model: nn.Module, images_uint8: torch.Tensor, batch_size: int = 500,
+                       device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate features [N, D], logits [N, classes]), float32 on the CPU, in eval mode, batched."""
+    model.eval().to(device)
+    feats, logits = [], []
+    for i in range(0, images_uint8.shape[0], batch_size):
+        f, lg = model.embed(images_uint8[i : i + batch_size].to(device))
+        feats.append(f.float().cpu())
+        logits.append(lg.float().cpu())
+    return torch.cat(feats), torch.cat(logits)
 
 
 def train_classifier(
