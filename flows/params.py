@@ -248,7 +248,34 @@ class Studies(Section):
 
 class Report(Section):
     path: str
-    num_bootstrap: int  # rounds of the paired comparisons (FID / KID differences on shared resampled indices)
+    num_bootstrap: int = 2000  # rounds of every paired comparison (shared resampled indices for all settings)
+    metric: str = "domain_fd"  # the one metric that decides every claim's verdict (tasks.claims.Rules)
+    fallback_metric: str = "kid"  # for a model without a domain classifier
+    alpha: float = 0.05  # family-wise error of the claims' tests (Holm)
+
+    @field_validator("metric", "fallback_metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        from tfmq.evaluation.comparisons import METRICS  # here, not at the top: reading params must not import torch
+
+        if v not in METRICS:
+            raise ValueError(f"{v!r} is not a comparison metric; expected one of {sorted(METRICS)}")
+        return v
+
+    @field_validator("num_bootstrap")
+    @classmethod
+    def _rounds(cls, v: int) -> int:
+        if v < 100:
+            raise ValueError(f"{v} rounds; expected >= 100 (2 000 for the claims: a Holm threshold of 0.05 / 40 "
+                             "needs the tails)")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if not 0.0 < v < 0.5:
+            raise ValueError(f"alpha={v}; expected a family-wise error level in (0, 0.5), e.g. 0.05")
+        return v
 
 
 class ScaleOut(Section):

@@ -9,12 +9,14 @@ all: the library's path for users who want neither DVC nor Prefect.
 from __future__ import annotations
 
 import contextvars
+from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow
 
 from flows.checks import image_shape, real_row_model, reference_file, reference_targets
 from flows.params import Params
+from tasks.claims import Rules, domain_data
 from tasks.setting import Setting
 from tasks import autoencoder as ae_tasks
 from tasks import calibration as calib_tasks
@@ -87,8 +89,6 @@ def reference_stats_flow(params: Params) -> list[str]:
 @flow(name="calib-data", **_OBJECTS)
 def calib_data_flow(params: Params, model: str | None = None) -> str:
     """Record the FP trajectories of ``<model.root>/<model>`` (default ``model.name``) into ``<calib_data.dir>/<model>``."""
-    from pathlib import Path
-
     model = model or params.model.name
     fp_dir, out_dir = str(Path(params.model.root) / model), str(Path(params.calib_data.dir) / model)
     so = params.scale_out
@@ -189,6 +189,13 @@ def _sample_and_score(setting: Setting, params: Params, ref: str, clf: str) -> d
 
 @flow(name="report", **_OBJECTS)
 def report_flow(params: Params) -> str:
-    references = {m: reference_file(params, m) for m in dict.fromkeys([*params.grid.models, params.studies.model])}
+    models = list(dict.fromkeys([*params.grid.models, params.studies.model]))
+    references = {m: reference_file(params, m) for m in models}
+    rp, q = params.report, params.quant
+    rules = Rules(rp.metric, rp.fallback_metric, rp.alpha, rp.num_bootstrap, params.eval.seed,
+                  f"BRECQ {q.get('recon', {}).get('iters', '?')} iterations, TIAR "
+                  f"{q.get('tiar_recon', {}).get('iters', '?')}, {params.eval.num_samples} samples")
+    domain = {m: domain_data(params.reference, params.eval, params.data.path, params.classifier.path,
+                             str(Path(params.model.root) / m)) for m in models}
     return call(report_tasks.report, params.eval.out_dir, params.grid, params.report.path, params.studies,
-                references, params.report.num_bootstrap, params.eval.seed)
+                references, rules, domain)

@@ -193,16 +193,17 @@ def build_table(out_dir: str, grid, studies=None) -> tuple[str, list[dict[str, A
 
 
 @pipeline_task
-def report(out_dir: str, grid, path: str, studies=None, reference_path: str | dict[str, str] | None = None, rounds: int = 200,
-           seed: int = 0) -> str:
+def report(out_dir: str, grid, path: str, studies=None, reference_path: str | dict[str, str] | None = None,
+           rules=None, domain: dict | None = None) -> str:
     """Write the results tables, the paired comparisons, the poster's tables and the claims (``report.path``,
-    Markdown; their data in ``<eval.out_dir>/claims.json``) and print them."""
-    from tasks.claims import paired_report
+    Markdown; their data in ``<eval.out_dir>/claims.json``) and print them. ``rules``: ``tasks.claims.Rules``;
+    ``domain``: ``tasks.claims.DomainData`` per model."""
+    from tasks.claims import Rules, paired_report
     from tfmq.io import atomic_write_json, atomic_write_text
 
     text, _ = build_table(out_dir, grid, studies)
     if studies is not None:
-        sections, data = paired_report(out_dir, grid, studies, reference_path, rounds, seed)
+        sections, data = paired_report(out_dir, grid, studies, reference_path, rules or Rules(), domain)
         text += "\n" + "\n".join(sections)
         atomic_write_json(data, Path(out_dir) / "claims.json")
     atomic_write_text(text, path)

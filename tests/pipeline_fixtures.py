@@ -79,7 +79,7 @@ def micro_params(data_root: Path, mlflow_uri: str, methods: list[str], bits: lis
                      activation_layers=2)
     p["grid"].update(methods=methods, bits=bits, models=models or p["grid"]["models"])
     p["studies"].update(model="fashion_ldm", settings=MICRO_STUDY if studies is None else studies)
-    p["report"].update(num_bootstrap=20)
+    p["report"].update(num_bootstrap=100)
     p["mlflow"].update(experiment="micro", tracking_uri=mlflow_uri)
     return p
 

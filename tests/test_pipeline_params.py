@@ -57,7 +57,7 @@ def test_quick_profile_differs_only_where_marked():
     assert set(a) == set(b)
     changed = {k for k in a if a[k] != b[k]}
     marked = [ln for ln in quick_text.splitlines() if ln.rstrip().endswith("# quick")]
-    assert len(changed) == len(marked) == 13, changed
+    assert len(changed) == len(marked) == 14, changed
     assert {"eval.out_dir", "quant_out.dir", "calib_data.dir", "report.path"} <= changed  # never the DVC outputs
     assert quick["grid"]["models"] == PARAMS["grid"]["models"]  # every family, fewer settings
 
@@ -315,22 +315,42 @@ def test_setting_carries_the_config_the_stages_used_to_build():
         quantized_setting(params, name="../x")
 
 
-def test_claim_status_from_paired_verdicts():
-    """A claim's status: every paired comparison must exclude 0 in its favour to be 'reproduced'."""
-    from tasks.claims import _status, _winner
+def test_claim_decisions_are_holm_corrected_and_need_replication(tmp_path):
+    """Each claim comparison is judged on the deciding metric, Holm over the whole family, and demoted to marginal
+    when a seed of the seed study does not repeat it; |z| ~2.2 of one test among many stays marginal."""
+    import json
 
-    def comp(a, b, lo, hi):
-        from tfmq.evaluation.paired import verdict
+    from tasks.claims import Replication, _decide, _outcomes
+    from tfmq.evaluation.verdicts import claim_status, two_sided_p
 
-        return {"a": a, "b": b, "fid": {"ci": [lo, hi], "verdict": verdict([lo, hi], "fid", a, b)}}
+    def comp(a, b, diff, se, model="m"):
+        z = diff / se
+        return {"model": model, "a": a, "b": b, "domain_fd": {
+            "diff": diff, "se": se, "p": two_sided_p(z), "ci": [diff - 1.96 * se, diff + 1.96 * se],
+            "lower_is_better": True, "method": "synthetic"}}
 
-    tf_wins = comp("qdiffusion-W4A8", "tfmq-W4A8", 5.0, 9.0)  # ΔFID = a - b > 0: TFMQ (b) lower
-    other_wins = comp("ptqd-eq-W4A8", "tfmq-W4A8", -7.7, -0.2)
-    none = comp("ptq4dm-W8A8", "tfmq-W8A8", -1.0, 2.0)
-    assert [_winner(c) for c in (tf_wins, other_wins, none)] == ["tfmq", "other", "inconclusive"]
-    assert _winner(comp("tfmq-nofsc-W4A8", "tfmq-W4A8", -3.0, -1.0)) == "ablated"
-    assert _winner(comp("brecq-W4A8", "freeze-W4A8", 1.0, 2.0)) == "freeze"
-    w = lambda *cs: _status([_winner(c) for c in cs], "tfmq", "other")  # noqa: E731
-    assert w(tf_wins, tf_wins) == "reproduced" and w(other_wins) == "refuted" and w(tf_wins, other_wins) == "mixed"
-    assert w(tf_wins, none) == "partly reproduced" and w(other_wins, none) == "partly refuted"
-    assert w(none) == "inconclusive" and _status([], "tfmq", "other") == "not run"
+    big = comp("qdiffusion-W4A8", "tfmq-W4A8", 10.0, 1.0)  # z 10: TFMQ (b) much better
+    small = comp("ptq4dm-eq-W4A8", "tfmq-W4A8", -2.2, 1.0)  # z -2.2: the other side, p 0.028 uncorrected
+    flat = comp("ptqd-eq-W4A8", "tfmq-W4A8", 0.3, 1.0)
+    brecq = comp("brecq-W4A8", "freeze-W4A8", 6.0, 1.0)  # z 6 for Freeze, but seed 1 does not repeat it
+    fillers = [comp(f"x{i}-W4A8", "tfmq-W4A8", 0.1, 1.0) for i in range(36)]  # a family of 40 tests
+    seeds = {"comparisons": [{"a": "brecq-W4A8-s1", "b": "freeze-W4A8-s1", "domain_fd": {"diff": 1.0, "ci": [-0.5, 2.5]}},
+                             {"a": "qdiffusion-W4A8-s1", "b": "tfmq-W4A8-s1", "domain_fd": {"diff": 9.0, "ci": [7.0, 11.0]}}]}
+    (tmp_path / "replicate.json").write_text(json.dumps(seeds))
+    by_claim = {"b": [brecq], "d": [big, small, flat, *fillers]}
+    _decide(lambda model: "domain_fd", 0.05, by_claim, Replication(tmp_path / "replicate.json"), "m")
+    assert big["decision"]["family"] == 40 and big["decision"]["level"] == "firm" and big["decision"]["replicated"]
+    assert big["decision"]["holm_p"] == pytest.approx(min(1.0, 40 * two_sided_p(10.0)), rel=1e-9)
+    assert small["decision"]["level"] == "marginal" and not small["decision"]["favours_claim"]
+    assert small["decision"]["holm_p"] == 1.0  # 0.028 x (40 - its rank) > 1
+    assert flat["decision"]["level"] == "none"
+    assert brecq["decision"]["replicated"] is False and brecq["decision"]["level"] == "marginal"
+    assert brecq["decision"]["holm_ci"][0] > 0  # the corrected interval still excludes 0: the seed study demotes it
+    assert claim_status(_outcomes([big])) == "reproduced"
+    assert claim_status(_outcomes([small, flat])) == "marginal (against, max |z| 2.2)"
+    assert claim_status(_outcomes([brecq])) == "marginal (for, max |z| 6.0)"
+    # a model outside the seed study: Holm-significant is "unreplicated"
+    other = comp("qdiffusion-W8A8", "tfmq-W8A8", 10.0, 1.0, model="other")
+    _decide(lambda model: "domain_fd", 0.05, {"d": [other]}, Replication(tmp_path / "none.json"), "m")
+    assert other["decision"]["level"] == "unreplicated" and other["decision"]["replicated"] is None
+    assert claim_status(_outcomes([other])) == "reproduced at one seed (not replicated)"

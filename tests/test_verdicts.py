@@ -133,3 +133,24 @@ def test_label_agreement_and_class_accuracy_are_paired_mcnemar_tests():
     assert cmp.single("label_agreement", a)["value"] == pytest.approx(0.85)
     assert cmp.compare("class_accuracy", a, b).diff == pytest.approx(-0.15)
     assert cmp.compare("label_agreement", b, b).p == 1.0
+
+
+def test_fid_of_a_resample_with_duplicates_equals_the_fid_of_the_repeated_rows():
+    """``FidAgainst`` weights unique rows by their counts on a bootstrap resample: the same number as the plain
+    formula on the materialised rows (float64 reference by hand)."""
+    from tfmq.evaluation.paired import FidAgainst
+
+    rng = np.random.default_rng(5)
+    x, ref = rng.standard_normal((64, 100)), rng.standard_normal((500, 100)) * 1.3 + 0.2  # N < D: the Gram side
+    f = FidAgainst(x, ref.mean(0), np.cov(ref, rowvar=False))
+    idx = rng.integers(0, 64, 64)
+    assert len(np.unique(idx)) < 64
+    xb = x[idx]
+    s1, s2 = np.cov(xb, rowvar=False), np.cov(ref, rowvar=False)
+    want = float(((xb.mean(0) - ref.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2)
+                 - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
+    assert f(idx) == pytest.approx(want, rel=1e-6)  # sqrtm of a rank-deficient product: ~1e-8 of its own error
+    plain = FidAgainst(xb, ref.mean(0), np.cov(ref, rowvar=False))(np.arange(64))  # the rows materialised
+    # the materialised rows' Gram matrix has one zero eigenvalue per duplicate, each ~1e-14 after rounding, whose
+    # square roots (~1e-7 each) the plain formula sums: the weighted one has none of them
+    assert f(idx) == pytest.approx(plain, rel=1e-7)

@@ -22,7 +22,8 @@ import torch
 from tfmq.evaluation.feature_metrics import _trace_sqrt_of_gram, psd_sqrt
 
 #: metric -> True when lower is better (the per-sample metrics against FP and the set metrics)
-LOWER_IS_BETTER = {"mse": True, "psnr": False, "ssim": False, "feat_dist": True, "lpips": True, "fid": True, "kid": True}
+LOWER_IS_BETTER = {"mse": True, "psnr": False, "ssim": False, "feat_dist": True, "lpips": True, "fid": True, "kid": True,
+                   "domain_fd": True, "label_agreement": False, "class_accuracy": False, "prompt_accuracy": False}
 
 
 def _unit(images: torch.Tensor) -> np.ndarray:
@@ -140,10 +141,19 @@ class FidAgainst:
         self.mu_ref, self.tr_ref = np.asarray(mu_ref, np.float64), float(np.trace(sigma_ref))
 
     def __call__(self, idx: np.ndarray) -> float:
-        xb, zb = self.x[idx], self.z[idx]
         n = len(idx)
-        mu = xb.mean(axis=0)
-        xc, zc = xb - mu, zb - zb.mean(axis=0)
+        u, counts = np.unique(idx, return_counts=True)
+        if len(u) == n:  # no duplicates (the full set): the plain formula
+            xb, zb = self.x[idx], self.z[idx]
+            mu = xb.mean(axis=0)
+            xc, zc = xb - mu, zb - zb.mean(axis=0)
+        else:  # a bootstrap resample (~63 % unique rows): row i weighted by its count, the same moments, and the
+            # Gram matrix shrinks from n x n to unique x unique (~4x less eigendecomposition at n = 256)
+            w = counts.astype(np.float64)
+            xu, zu = self.x[u], self.z[u]
+            mu = w @ xu / n
+            root = np.sqrt(w)[:, None]
+            xc, zc = (xu - mu) * root, (zu - w @ zu / n) * root
         diff = mu - self.mu_ref
         return float(diff @ diff + self.tr_ref + (xc * xc).sum() / (n - 1) - 2.0 * _trace_sqrt_of_gram(zc, n))
 
