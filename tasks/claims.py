@@ -344,7 +344,8 @@ def _line(c: dict[str, Any]) -> str:
         seeds = "; seeds " + ", ".join(f"{x['seed']}: {x['diff'] * sc:+.{dg}f} [{x['ci'][0] * sc:+.{dg}f}, "
                                          f"{x['ci'][1] * sc:+.{dg}f}]" for x in d["seeds"])
         seeds += " (replicates)" if d["replicated"] else " (does not replicate)"
-    extra = [f"Δ{SHOW[k][0]} {_ci(c, k)}" for k in ("fid", "label_agreement", "psnr") if k != m and k in c]
+    extra = [f"Δ{SHOW[k][0]} {_ci(c, k)}" for k in ("fid", "kid", "label_agreement", "class_accuracy", "prompt_accuracy",
+                                                   "psnr") if k != m and k in c]
     return (f"{head}: Δ{label} {t['diff'] * sc:+.{dg}f} [{t['ci'][0] * sc:+.{dg}f}, {t['ci'][1] * sc:+.{dg}f}], "
             f"Holm-corrected [{d['holm_ci'][0] * sc:+.{dg}f}, {d['holm_ci'][1] * sc:+.{dg}f}] (z {d['z']:+.1f}, p "
             f"{t['p']:.2g}, Holm p {d['holm_p']:.2g} of {d['family']}) -> **{d['level']}**"
