@@ -194,6 +194,13 @@ def test_samples_are_rgb_at_the_folder_size_and_the_report_is_written(ran):
         assert t["psnr"].shape == (16,)
     text = (ws / "results" / "results.md").read_text()
     assert "rgb_ldm" in text and "rgb_sd" in text
+    # no domain classifier matches RGB images: every claim comparison is decided on the fallback metric (KID)
+    claims = json.loads((ws / "results" / "claims.json").read_text())
+    assert claims["rules"]["metric"] == "domain_fd" and claims["rules"]["fallback_metric"] == "kid"
+    for model in ("rgb_ldm", "rgb_sd"):
+        lines = text.split(f"## Methods' own defaults vs TFMQ, W4A8 ({model})")[1].splitlines()
+        header = next(ln for ln in lines if ln.startswith("| Setting"))
+        assert "| KID x1e3 [95 % CI] |" in header and "domain FD" not in header
 
 
 def test_folder_and_npz_give_the_same_reference_statistics(user, tmp_path):
