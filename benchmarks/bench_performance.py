@@ -25,9 +25,12 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,9 +42,13 @@ from tfmq.diffusion.calibration import capture_calibration_data, every_kth_step 
 from tfmq.diffusion.models import load_fp_model  # noqa: E402
 from tfmq.diffusion.sampling import make_scheduler, sample  # noqa: E402
 from tfmq.quant.prepare import quant_layers, set_quant_state  # noqa: E402
+from tfmq.quant.fused import reference_autograd  # noqa: E402
 from tfmq.quant.reconstruction import (  # noqa: E402
     _main_output, capture_unit_io, discover_units, lp_loss, optimize_rows, rounding_regularizer, unit_step,
 )
+from tfmq.quant.methods import tiar_inputs  # noqa: E402
+from tfmq.quant.tiar import tiar_loss  # noqa: E402
+from tfmq.quant.tib import TemporalInformationBlock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +71,49 @@ def _table(title: str, header: list[str], rows: list[list]) -> str:
 
 
 # --- 1. the reconstruction loop vs its physical limit ---------------------------------------------
-def bench_loop(unet, calib, cfg: tfmq.QuantConfig, iters: int, device) -> tuple[str, dict]:
+def _interleaved(fns: dict[str, Callable[[], None]], per_call: dict[str, int], rounds: int) -> dict[str, float]:
+    """Median seconds per iteration of each ``fns[k]()`` (which runs ``per_call[k]`` iterations).
+
+    The functions run in alternation, ``rounds`` times after one warm-up round, so a machine whose
+    speed drifts (a shared or throttled CPU) slows every row alike and the ratios stay comparable.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds + 1):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[k].append((time.perf_counter() - t0) / per_call[k])
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _ratio_rows(t: dict[str, float], labels: dict[str, str], limit: str) -> list[list[str]]:
+    return [[labels[k], f"{1 / t[k]:.1f}", f"{t[limit] / t[k]:.2f}"] for k in labels]
+
+
+def _bare(fwd: Callable[[], torch.Tensor], weights: list[torch.Tensor]) -> Callable[[], None]:
+    """One FP forward + backward to ``weights``: what an iteration cannot go below."""
+    def run():
+        with torch.enable_grad():
+            torch.autograd.grad(fwd(), weights, allow_unused=True)
+    return run
+
+
+def _soft_step(fwd: Callable[[], torch.Tensor], params: list[torch.Tensor], reg: Callable[[], torch.Tensor | None] | None):
+    def run():
+        with torch.enable_grad():
+            r = reg() if reg is not None else None
+            loss = fwd() if r is None else fwd() + r
+            torch.autograd.grad(loss, params, allow_unused=True)
+    return run
+
+
+def _loop(step_fn, n: int, params, iters: int, batch: int, lr: float, reg, cosine: bool = False):
+    return lambda: optimize_rows(step_fn, n, params, iters, batch, lr, reg, "bench", False, cosine=cosine, seed=0)
+
+
+def bench_loop(unet, calib, cfg: tfmq.QuantConfig, iters: int, device, rounds: int = 5) -> tuple[str, dict]:
+    """BRECQ on the largest block, TIAR on the TIB, Q-Diffusion's step learning on the same block."""
     q = tfmq.prepare_model(copy.deepcopy(unet), cfg)
     data = every_kth_step(calib, cfg.calib.every_k, cfg.calib.n_per_step, seed=cfg.seed)
     n = int(data["sample"].shape[0])
@@ -74,57 +123,165 @@ def bench_loop(unet, calib, cfg: tfmq.QuantConfig, iters: int, device) -> tuple[
     _, target = capture_unit_io(q, unit.module, data, 64, device, False, True)
     inputs, _ = capture_unit_io(q, unit.module, data, 64, device, True, False)
     bs = cfg.recon.batch_size
-    fixed = torch.arange(bs)
-    (a_fixed, k_fixed), t_fixed = inputs.take(fixed, device), target.take(fixed, device)
-
-    def fwd(a, k):
-        return _main_output(unit.module(*a, **k))
-
-    # (a) bare FP forward + backward to the FP weights
-    set_quant_state(q, weight=False, act=False)
+    (a_fixed, k_fixed), t_fixed = inputs.take(torch.arange(bs), device), target.take(torch.arange(bs), device)
     weights = [l.weight for l in layers]
+
+    def fwd():
+        return lp_loss(_main_output(unit.module(*a_fixed, **k_fixed)), t_fixed)
+
+    def fp(fn):  # the limit runs on the FP weights, the rest on the fake-quant ones
+        def run():
+            set_quant_state(q, weight=False, act=False)
+            fn()
+            set_quant_state(q, weight=True, act=False)
+        return run
+
     for w in weights:
         w.requires_grad_(True)
-
-    def bare():
-        with torch.enable_grad():
-            torch.autograd.grad(lp_loss(fwd(a_fixed, k_fixed), t_fixed), weights, allow_unused=True)
-
-    # (b) fake-quant forward + backward to alpha (soft rounding), (c) + regulariser, (d) the full loop
     set_quant_state(q, weight=True, act=False)
     for l in layers:
         l.init_adaround()
     params = [p for l in layers for p in l.adaround_parameters()]
     reg = rounding_regularizer(layers, cfg.recon, iters)
-
-    def fake(with_reg: bool):
-        def step():
-            with torch.enable_grad():
-                loss = lp_loss(fwd(a_fixed, k_fixed), t_fixed)
-                if with_reg:
-                    loss = loss + reg(iters - 1)  # a step past warm-up: the regulariser is on
-                torch.autograd.grad(loss, params, allow_unused=True)
-        return step
-
+    late = iters - 1  # a step past warm-up: the regulariser is on
     step_fn = unit_step(unit.module, inputs, target, device)
-
     r = max(10, iters // 5)
-    t_bare = _timeit(lambda: [bare() for _ in range(r)], 3) / r
-    t_fake = _timeit(lambda: [fake(False)() for _ in range(r)], 3) / r
-    t_reg = _timeit(lambda: [fake(True)() for _ in range(r)], 3) / r
-    t0 = time.perf_counter()
-    optimize_rows(step_fn, n, params, iters, bs, cfg.recon.lr, reg, "bench", False, seed=0)
-    t_loop = (time.perf_counter() - t0) / iters
+    with reference_autograd():
+        ref = _interleaved({
+            "bare": fp(lambda: [_bare(fwd, weights)() for _ in range(r)]),
+            "ref_soft": lambda: [_soft_step(fwd, params, None)() for _ in range(r)],
+            "ref_reg": lambda: [_soft_step(fwd, params, lambda: reg(late))() for _ in range(r)],
+            "ref_loop": _loop(step_fn, n, params, iters, bs, cfg.recon.lr, reg),
+        }, {"bare": r, "ref_soft": r, "ref_reg": r, "ref_loop": iters}, rounds)
+    fused = _interleaved({
+        "bare": fp(lambda: [_bare(fwd, weights)() for _ in range(r)]),
+        "soft": lambda: [_soft_step(fwd, params, lambda: reg(late))() for _ in range(r)],
+        "loop": _loop(step_fn, n, params, iters, bs, cfg.recon.lr, reg),
+    }, {"bare": r, "soft": r, "loop": iters}, rounds)
     for w in weights:
         w.requires_grad_(False)
-    rows = [["bare FP forward + backward (the limit)", f"{1 / t_bare:.1f}", "1.00"],
-            ["fake-quant forward + backward to alpha", f"{1 / t_fake:.1f}", f"{t_bare / t_fake:.2f}"],
-            ["+ rounding regulariser", f"{1 / t_reg:.1f}", f"{t_bare / t_reg:.2f}"],
-            ["+ Adam step and row sampling (optimize_rows: the loop)", f"{1 / t_loop:.1f}", f"{t_bare / t_loop:.2f}"]]
-    title = (f"1. Reconstruction loop vs its physical limit: unit `{unit.name}` ({sum(w.numel() for w in weights):,} "
-             f"weights, batch {bs}, {n} cached rows)")
+    t = {**ref, **{k: v * ref["bare"] / fused["bare"] for k, v in fused.items() if k != "bare"}}  # one scale
+    rows = _ratio_rows(t, {
+        "bare": "bare FP forward + backward (the limit)",
+        "ref_soft": "before: fake-quant forward + backward to alpha (autograd)",
+        "ref_reg": "before: + rounding regulariser (autograd)",
+        "ref_loop": "before: + Adam step and row sampling (the loop)",
+        "soft": "fused soft rounding forward + backward, regulariser's gradient folded in",
+        "loop": "**now: + fused Adam and row sampling (optimize_rows: the loop)**"}, "bare")
+    title = (f"1. BRECQ loop vs its physical limit: unit `{unit.name}` ({sum(w.numel() for w in weights):,} weights, "
+             f"batch {bs}, {n} cached rows; medians of {rounds} interleaved rounds)")
+    out = {"unit": unit.name, "loop_vs_limit": t["bare"] / t["loop"], "loop_vs_limit_before": t["bare"] / t["ref_loop"],
+           "iters_per_s_loop": 1 / t["loop"], "iters_per_s_limit": 1 / t["bare"]}
+    text = _table(title, ["what runs per iteration", "iterations/s", "x limit"], rows)
+    tiar_text, tiar_out = _bench_tiar(unet, calib, cfg, iters, device, rounds)
+    act_text, act_out = _bench_act_steps(q, unit, inputs, target, cfg, iters, device, rounds)
+    inputs.close()
+    target.close()
+    return text + "\n" + tiar_text + "\n" + act_text, {**out, **tiar_out, **act_out}
+
+
+def _bench_tiar(unet, calib, cfg: tfmq.QuantConfig, iters: int, device, rounds: int) -> tuple[str, dict]:
+    """TIAR: AdaRound on the TIB's layers against the FP temporal features, the loop vs bare."""
+    q = tfmq.prepare_model(copy.deepcopy(unet), cfg)
+    tib = TemporalInformationBlock(q)
+    names = set(tib.layer_names())
+    layers = [l for nm, l in quant_layers(q) if nm in names]
+    steps, cls = tiar_inputs(calib, 1)  # the rows TIAR trains on (every recorded step, classes if any)
+    steps, cls = steps.to(device), None if cls is None else cls.to(device)
+    set_quant_state(q, weight=False, act=False)
+    with torch.no_grad():
+        targets = [f.detach() for f in tib.features(steps, cls)]
+    bs = cfg.tiar_recon.batch_size
+    fixed = torch.arange(min(bs, len(steps)))  # a mini-batch is at most every row
+
+    def fwd():
+        return tiar_loss(tib.features(steps[fixed], None if cls is None else cls[fixed]), [tg[fixed] for tg in targets])
+
+    def step_fn(idx):
+        return tiar_loss(tib.features(steps[idx], None if cls is None else cls[idx]), [tg[idx] for tg in targets])
+
+    weights = [l.weight for l in layers]
+    for w in weights:
+        w.requires_grad_(True)
+    set_quant_state(q, weight=True, act=False)
+    for l in layers:
+        l.init_adaround()
+    params = [p for l in layers for p in l.adaround_parameters()]
+    reg = rounding_regularizer(layers, cfg.recon, iters)
+    r = max(10, iters // 5)
+
+    def bare():
+        set_quant_state(q, weight=False, act=False)
+        for _ in range(r):
+            _bare(fwd, weights)()
+        set_quant_state(q, weight=True, act=False)
+
+    with reference_autograd():
+        ref = _interleaved({"bare": bare, "ref_loop": _loop(step_fn, len(steps), params, iters, bs, cfg.tiar_recon.lr, reg)},
+                           {"bare": r, "ref_loop": iters}, rounds)
+    fused = _interleaved({"bare": bare, "loop": _loop(step_fn, len(steps), params, iters, bs, cfg.tiar_recon.lr, reg)},
+                         {"bare": r, "loop": iters}, rounds)
+    for w in weights:
+        w.requires_grad_(False)
+    t = {**ref, "loop": fused["loop"] * ref["bare"] / fused["bare"]}
+    rows = _ratio_rows(t, {"bare": "bare FP forward + backward of the TIB (the limit)",
+                           "ref_loop": "before: the TIAR loop (autograd, single-tensor Adam)",
+                           "loop": "**now: the TIAR loop (fused)**"}, "bare")
+    title = (f"1b. TIAR loop: the TIB's {len(layers)} layers ({sum(w.numel() for w in weights):,} weights), batch "
+             f"{len(fixed)} of {len(steps)} rows")
     return _table(title, ["what runs per iteration", "iterations/s", "x limit"], rows), {
-        "unit": unit.name, "loop_vs_limit": t_bare / t_loop, "iters_per_s_loop": 1 / t_loop, "iters_per_s_limit": 1 / t_bare}
+        "tiar_vs_limit": t["bare"] / t["loop"], "tiar_vs_limit_before": t["bare"] / t["ref_loop"]}
+
+
+def _bench_act_steps(q, unit, inputs, target, cfg: tfmq.QuantConfig, iters: int, device, rounds: int) -> tuple[str, dict]:
+    """Q-Diffusion's activation step learning on the BRECQ unit (weights on their grid), the loop vs bare."""
+    layers = unit.layers()
+    for l in layers:
+        if not l.finalized:
+            l.finalize()
+    qs = unit.act_quantizers()
+    n = inputs.rows
+    set_quant_state(q, weight=True, act=True)
+    for aq in qs:  # a shared range from the cached rows (the activation stage's starting point)
+        aq.start_observing(None)
+    with torch.no_grad():
+        a_all, k_all = inputs.all(device)
+        unit.module(*a_all, **k_all)
+    for aq in qs:
+        aq.commit_shared()
+    bs = cfg.act_recon.batch_size
+    (a_fixed, k_fixed), t_fixed = inputs.take(torch.arange(bs), device), target.take(torch.arange(bs), device)
+    weights = [l.weight for l in layers]
+    for w in weights:
+        w.requires_grad_(True)
+    r = max(10, iters // 5)
+
+    def bare():
+        set_quant_state(q, weight=False, act=False)
+        for _ in range(r):
+            _bare(lambda: lp_loss(_main_output(unit.module(*a_fixed, **k_fixed)), t_fixed, p=cfg.act_recon.p), weights)()
+        set_quant_state(q, weight=True, act=True)
+
+    scales = [aq.scale for aq in qs]
+    for sc in scales:
+        sc.requires_grad_(True)
+    step_fn = unit_step(unit.module, inputs, target, device, p=cfg.act_recon.p)
+    with reference_autograd():
+        ref = _interleaved({"bare": bare, "ref_loop": _loop(step_fn, n, scales, iters, bs, cfg.act_recon.lr, None, True)},
+                           {"bare": r, "ref_loop": iters}, rounds)
+    fused = _interleaved({"bare": bare, "loop": _loop(step_fn, n, scales, iters, bs, cfg.act_recon.lr, None, True)},
+                         {"bare": r, "loop": iters}, rounds)
+    for sc in scales:
+        sc.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(False)
+    t = {**ref, "loop": fused["loop"] * ref["bare"] / fused["bare"]}
+    rows = _ratio_rows(t, {"bare": "bare FP forward + backward (the limit)",
+                           "ref_loop": "before: step-size learning loop (autograd fake-quant)",
+                           "loop": "**now: step-size learning loop (fused fake-quant)**"}, "bare")
+    title = f"1c. Q-Diffusion's activation step learning on `{unit.name}`: {len(qs)} quantizers, batch {bs}"
+    return _table(title, ["what runs per iteration", "iterations/s", "x limit"], rows), {
+        "act_steps_vs_limit": t["bare"] / t["loop"], "act_steps_vs_limit_before": t["bare"] / t["ref_loop"]}
 
 
 # --- 2. fake-quant sampling vs FP ---------------------------------------------------------------
@@ -202,6 +359,75 @@ def bench_quantize(unet, calib, base: dict, bits: str, device) -> tuple[str, dic
     return _table(title, ["method", "TIAR / temporal s", "BRECQ s", "activations s", "total s"], rows), {"tfmq_vs_qdiffusion": ratio}
 
 
+# --- 3b. where a quantize call's wall time goes ----------------------------------------------------
+class _Timers:
+    """Wall seconds spent inside chosen module functions (patched for the measurement, restored after)."""
+
+    def __init__(self, targets: dict[str, tuple[object, str]]):
+        self.targets, self.seconds, self._saved = targets, {k: 0.0 for k in targets}, []
+
+    def __enter__(self):
+        for key, (mod, attr) in self.targets.items():
+            orig = getattr(mod, attr)
+            self._saved.append((mod, attr, orig))
+
+            def timed(*a, _orig=orig, _key=key, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    self.seconds[_key] += time.perf_counter() - t0
+            setattr(mod, attr, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, attr, orig in reversed(self._saved):
+            setattr(mod, attr, orig)
+
+
+def bench_call_shares(unet, calib, base: dict, bits: str, device, tmp: Path) -> tuple[str, dict]:
+    """Shares of one quantize call (prepare, TIAR, BRECQ loop vs unit capture, activations, save) + process start-up."""
+    from tfmq.diffusion import calibration as calib_mod
+    from tfmq.quant import methods as methods_mod, quantizer as quant_mod, reconstruction as recon_mod, tiar as tiar_mod
+
+    w, a = tfmq.parse_bits(bits)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import flows.stages"], cwd=ROOT, check=True)
+    startup = time.perf_counter() - t0  # what every stage process pays before its first line of work
+    rows, out = [], {}
+    for method in ("tfmq", "qdiffusion"):
+        cfg = tfmq.QuantConfig.from_dict({**base, "method": method, "weight_bits": w, "act_bits": a})
+        timers = _Timers({
+            "calibration reads": (calib_mod.CalibrationSet, "load_step"),
+            "weight clipping search (prepare)": (quant_mod, "mse_clip_search"),
+            "unit input/output capture": (recon_mod, "capture_unit_io"),
+            "BRECQ / step-learning loops": (recon_mod, "optimize_rows"),
+            "TIAR loop": (tiar_mod, "optimize_rows"),
+            "FSC per-timestep passes": (methods_mod, "finite_set_calibration"),
+            "shared-range passes": (methods_mod, "calibrate_shared_ranges"),
+        })
+        t0 = time.perf_counter()
+        with timers:
+            q = tfmq.quantize(copy.deepcopy(unet), calib, cfg, device=device, progress=False)
+        t_call = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tfmq.save(q, tmp / f"ckpt-{method}")
+        t_save = time.perf_counter() - t0
+        total = startup + t_call + t_save
+        parts = {"process start-up (imports)": startup, **timers.seconds, "checkpoint write": t_save}
+        inside = sum(v for k, v in timers.seconds.items() if k != "calibration reads")  # reads sit inside the others
+        parts["everything else in the call"] = max(t_call - inside, 0.0)
+        for k, v in parts.items():
+            if v > 0:
+                rows.append([method, k, f"{v:.1f}", f"{100 * v / total:.1f}"])
+        rows.append([method, "**total**", f"{total:.1f}", "100"])
+        out[f"{method}_call_s"] = total
+    title = (f"3b. Where a quantize call's wall time goes ({bits}; recon {base['recon']['iters']}, TIAR "
+             f"{base['tiar_recon']['iters']}, act steps {base['act_recon']['iters']} iterations; calibration reads happen "
+             f"inside the other parts and are shown on their own)")
+    return _table(title, ["method", "part", "seconds", "% of call"], rows), out
+
+
 # --- 4. calibration capture ---------------------------------------------------------------------
 def bench_capture(unet, scheduler, n: int, steps: int, device, tmp: Path) -> tuple[str, dict]:
     calls = []
@@ -267,6 +493,7 @@ def main() -> None:
                      lambda: bench_sampling(unet, calib, base, args.settings.split(","), args.sample_n,
                                             s["num_inference_steps"], scheduler, args.device),
                      lambda: bench_quantize(unet, calib, base, args.bits, args.device),
+                     lambda: bench_call_shares(unet, calib, base, args.bits, args.device, tmp),
                      lambda: bench_capture(unet, scheduler, args.sample_n, s["num_inference_steps"], args.device, tmp)):
             text, numbers = part()
             print(text, flush=True)

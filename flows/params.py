@@ -249,6 +249,7 @@ class Studies(Section):
 class Report(Section):
     path: str
     num_bootstrap: int = 2000  # rounds of every paired comparison (shared resampled indices for all settings)
+    beside_bootstrap: int = 300  # rounds of the set metrics shown beside the deciding one (FID, KID where they do not decide)
     metric: str = "domain_fd"  # the one metric that decides every claim's verdict (tasks.claims.Rules)
     fallback_metric: str = "kid"  # for a model without a domain classifier
     alpha: float = 0.05  # family-wise error of the claims' tests (Holm)
@@ -262,7 +263,7 @@ class Report(Section):
             raise ValueError(f"{v!r} is not a comparison metric; expected one of {sorted(METRICS)}")
         return v
 
-    @field_validator("num_bootstrap")
+    @field_validator("num_bootstrap", "beside_bootstrap")
     @classmethod
     def _rounds(cls, v: int) -> int:
         if v < 100:

@@ -194,7 +194,8 @@ def report_flow(params: Params) -> str:
     rp, q = params.report, params.quant
     rules = Rules(rp.metric, rp.fallback_metric, rp.alpha, rp.num_bootstrap, params.eval.seed,
                   f"BRECQ {q.get('recon', {}).get('iters', '?')} iterations, TIAR "
-                  f"{q.get('tiar_recon', {}).get('iters', '?')}, {params.eval.num_samples} samples")
+                  f"{q.get('tiar_recon', {}).get('iters', '?')}, {params.eval.num_samples} samples",
+                  rp.beside_bootstrap, int(q.get("recon", {}).get("iters", 0)), int(q.get("act_recon", {}).get("iters", 0)))
     domain = {m: domain_data(params.reference, params.eval, params.data.path, params.classifier.path,
                              str(Path(params.model.root) / m)) for m in models}
     return call(report_tasks.report, params.eval.out_dir, params.grid, params.report.path, params.studies,

@@ -60,6 +60,13 @@ class Rules:
     rounds: int = 2000
     seed: int = 0
     budget: str = ""
+    beside_rounds: int = 300  # the set metrics shown beside the deciding one (FID, KID): informational, cheaper
+    recon_iters: int = 0  # the grid's BRECQ iterations (0: not known), named where a verdict depends on them
+    act_iters: int = 0  # the grid's activation step-learning iterations (0: not known)
+
+    def rounds_of(self, deciding: str) -> dict[str, int]:
+        """Rounds per set metric other than ``deciding`` (which keeps ``rounds``)."""
+        return {m: min(self.beside_rounds, self.rounds) for m, (_, kind) in METRICS.items() if kind == "set" and m != deciding}
 
     def __post_init__(self) -> None:
         for key in ("metric", "fallback_metric"):
@@ -113,12 +120,14 @@ class PairedData:
     """The paired files of one results tree, loaded lazily, and one ``Comparator`` per model on them."""
 
     def __init__(self, out_dir: str, reference_path: str | dict[str, str] | None, rounds: int, seed: int,
-                 domain: dict[str, DomainData] | None = None, metrics: tuple[str, ...] | None = None):
+                 domain: dict[str, DomainData] | None = None, metrics: tuple[str, ...] | None = None,
+                 rules: Rules | None = None):
         """``reference_path``: the reference statistics of every model (one path, or ``model -> path`` when models
         make images of different shapes; a model without one gets no FID / KID differences). ``domain``: the
-        domain data per model (none: no domain metrics). ``metrics``: the metrics ``compare`` computes (all)."""
+        domain data per model (none: no domain metrics). ``metrics``: the metrics ``compare`` computes (all).
+        ``rules``: with them, the set metrics that do not decide a model's verdicts get ``rules.beside_rounds``."""
         self.root = Path(out_dir)
-        self.rounds, self.seed = rounds, seed
+        self.rounds, self.seed, self.rules = rounds, seed, rules
         self.domain = domain or {}
         self.wanted = tuple(metrics or METRICS)
         self._sets: dict[tuple[str, str], SampleSet | None] = {}
@@ -178,8 +187,13 @@ class PairedData:
                 real = ref.features[layer].double().numpy() if ref.features else None
                 gauss = GaussianReference(ref.mu[layer], ref.sigma[layer], real)
             d = self.domain.get(model)
-            self._comparators[model] = Comparator(self.rounds, self.seed, gauss, None if d is None else d.reference,
-                                                  self.load(model, "fp"))
+            fp = self.load(model, "fp")
+            comp = Comparator(self.rounds, self.seed, gauss, None if d is None else d.reference, fp)
+            if self.rules is not None:  # before any value is computed: the deciding metric keeps every round
+                deciding = self.rules.metric if fp is not None and comp.available(self.rules.metric, fp) \
+                    else self.rules.fallback_metric
+                comp.rounds_of = self.rules.rounds_of(deciding)
+            self._comparators[model] = comp
         return self._comparators[model]
 
     def deciding(self, model: str, rules: Rules) -> str:
@@ -406,7 +420,7 @@ def _gpu_lines(root: Path) -> list[str]:
     return out
 
 
-def _timing(pd: PairedData, grid, studies_dir: Path) -> tuple[str, list[str]]:
+def _timing(pd: PairedData, grid, studies_dir: Path, rules: Rules) -> tuple[str, list[str]]:
     """Claim (e): TFMQ / Q-Diffusion quantization time at equal budgets: every grid cell (their own defaults), the
     equal-footing pair, and the iteration study's points. Reproduced only if every ratio < 0.8."""
     pts: list[tuple[str, float, float]] = []
@@ -414,7 +428,8 @@ def _timing(pd: PairedData, grid, studies_dir: Path) -> tuple[str, list[str]]:
         for bits in grid.bits:
             q, t = pd.metrics(model, f"qdiffusion-{bits}"), pd.metrics(model, f"tfmq-{bits}")
             if q and t and quant_seconds(q) and quant_seconds(t):
-                pts.append((f"{model} {bits}, own defaults (100 iterations)", quant_seconds(t), quant_seconds(q)))
+                pts.append((f"{model} {bits}, own defaults ({rules.recon_iters or '?'} iterations)", quant_seconds(t),
+                            quant_seconds(q)))
     for model in dict.fromkeys(grid.models):
         q, t = pd.metrics(model, "qdiffusion-eq-W4A8"), pd.metrics(model, "tfmq-W4A8")
         if q and t and quant_seconds(q) and quant_seconds(t):
@@ -425,7 +440,7 @@ def _timing(pd: PairedData, grid, studies_dir: Path) -> tuple[str, list[str]]:
         for n in sorted({r["iters"] for r in rows}):
             t = next((r for r in rows if r["iters"] == n and r["method"] == "tfmq" and r["seed"] == 0), None)
             q = next((r for r in rows if r["iters"] == n and r["method"] == "qdiffusion" and r["seed"] == 0), None)
-            if t and q and n != 100:
+            if t and q and n != rules.recon_iters:
                 pts.append((f"iteration study, {n} iterations (its own runs)", t["quant_time_total_s"],
                             q["quant_time_total_s"]))
     r = [t / q for _, t, q in pts]
@@ -433,8 +448,9 @@ def _timing(pd: PairedData, grid, studies_dir: Path) -> tuple[str, list[str]]:
               "refuted" if all(x > 1.25 for x in r) else "inconclusive (the ratio depends on the budget)")
     lines = [f"{what}: TFMQ {t:.0f} s vs Q-Diffusion {q:.0f} s (ratio {t / q:.2f})" for what, t, q in pts]
     lines.append("one run each, wall seconds of this machine (no interval); reproduced only if every ratio < 0.8, "
-                 "refuted if every one > 1.25. Q-Diffusion's activation step learning runs act_recon.iters (50 here, "
-                 "5 000 in its release), TFMQ's FSC none: the two budgets set much of the ratio")
+                 f"refuted if every one > 1.25. Q-Diffusion's activation step learning runs act_recon.iters "
+                 f"({rules.act_iters or '?'} here, 5 000 in its release), TFMQ's FSC none: the two budgets set much of "
+                 "the ratio")
     return status, lines
 
 
@@ -467,8 +483,9 @@ def claims(pd: PairedData, rules: Rules, grid, studies, comps: dict[str, list[di
                    "(the grid)",
              "d2": f"(d2) TFMQ beats PTQ4DM / Q-Diffusion / PTQD on equal footing (TFMQ's layer policy for all; "
                    f"{studies.model}, W4A8)"}
-    notes = {"b": [f"budget: {rules.budget}; AdaRound moves ~1 % of the weights off nearest at 100 iterations, so "
-                   "the paper's mechanism (overfitting in long reconstruction) can barely act there",
+    notes = {"b": [f"budget: {rules.budget}; the paper's mechanism (overfitting in long reconstruction) acts only as "
+                   "far as AdaRound moves weights off nearest, which grows with the iterations (the mechanisms study "
+                   "at 1 000 iterations, when run, says how far)",
                    *[v for k, v in mech.items() if k == "brecq"]],
              "c": [f"budget: {rules.budget}", *[v for k, v in mech.items() if k == "tfmq"]],
              "d1": [f"budget: {rules.budget}; Q-Diffusion and PTQD run policy `all` (conv_in / conv_out at the "
@@ -481,12 +498,13 @@ def claims(pd: PairedData, rules: Rules, grid, studies, comps: dict[str, list[di
         cs = by_claim[tag]
         out.append({"claim": texts[tag], "status": V.claim_status(_outcomes(cs)),
                     "evidence": [_line(c) for c in cs], "notes": notes[tag]})
-    status, lines = _timing(pd, grid, studies_dir)
+    status, lines = _timing(pd, grid, studies_dir, rules)
     out.append({"claim": "(e) TFMQ quantizes faster than Q-Diffusion (paper: 2.0x)", "status": status,
                 "evidence": lines, "notes": []})
     head = ["## Claims of the poster, tested on these models", "",
             f"Deciding metric: **{SHOW[rules.metric][0]}** (`report.metric`; `{rules.fallback_metric}` for a model "
-            f"without a domain classifier). Every comparison is a paired bootstrap ({rules.rounds} rounds) or McNemar "
+            f"without a domain classifier). Every comparison is a paired bootstrap ({rules.rounds} rounds; "
+            f"{min(rules.beside_rounds, rules.rounds)} for the set metrics shown beside the deciding one) or McNemar "
             f"test on the same samples; the claims' tests form one family, Holm-corrected at {rules.alpha:g}. A "
             "comparison is *firm* when Holm-significant and, where the seed study ran it (`python scripts/studies.py "
             "replicate`), significant the same way at every seed; *unreplicated* when Holm-significant without a "
@@ -568,7 +586,7 @@ def paired_report(out_dir: str, grid, studies, reference_path: str | dict[str, s
                   bench_dir: str | Path = "benchmarks/results") -> tuple[list[str], dict[str, Any]]:
     """Markdown sections (equal footing, own defaults, poster tables, claims, resolution) and their data
     (``claims.json``)."""
-    pd = PairedData(out_dir, reference_path, rules.rounds, rules.seed, domain)
+    pd = PairedData(out_dir, reference_path, rules.rounds, rules.seed, domain, rules=rules)
     model = studies.model
     note_eq = ("Every method with TFMQ's layer policy, no attention-matmul quantizers, no shortcut split: only the "
                "method differs. Differences are row - TFMQ on the same samples (negative ΔFID / Δdomain FD, positive "

@@ -120,6 +120,24 @@ def test_shared_rounds_make_a_setting_compared_twice_cost_one_evaluation_and_can
         cmp.compare("domain_fd", a, SampleSet("d", 10, domain_features=base[:10]))
 
 
+def test_metrics_beside_the_deciding_one_use_the_first_rounds_of_the_same_index_vectors():
+    rng = np.random.default_rng(4)
+    ref = GaussianReference.of(rng.standard_normal((2000, 8)))
+    base = rng.standard_normal((128, 8))
+    a = SampleSet("a", 128, features=base + 0.2, domain_features=base + 0.2)
+    b = SampleSet("b", 128, features=base, domain_features=base)
+    full = Comparator(rounds=400, seed=1, reference=ref, domain_reference=ref)
+    cheap = Comparator(rounds=400, seed=1, reference=ref, domain_reference=ref, rounds_of={"fid": 100})
+    assert len(cheap.set_values("fid", a)[1]) == 100 and len(cheap.set_values("domain_fd", a)[1]) == 400
+    # the same statistic on the same features: the 100 rounds are exactly the first 100 of the 400
+    np.testing.assert_array_equal(cheap.set_values("fid", a)[1], full.set_values("fid", a)[1][:100])
+    np.testing.assert_array_equal(cheap.set_values("domain_fd", b)[1], full.set_values("domain_fd", b)[1])
+    assert cheap.single("fid", a)["rounds"] == 100 and cheap.single("domain_fd", a)["rounds"] == 400
+    assert cheap.compare("fid", a, b).diff == pytest.approx(full.compare("fid", a, b).diff, rel=1e-12)
+    with pytest.raises(ValueError, match="rounds"):
+        Comparator(rounds=400, seed=1, rounds_of={"fid": 1})
+
+
 def test_label_agreement_and_class_accuracy_are_paired_mcnemar_tests():
     fp_labels = np.arange(200) % 10
     flips = np.zeros(200, bool)

@@ -21,6 +21,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 from .config import ActReconConfig, ReconConfig
+from .fused import fused_enabled
 from .layers import QuantLayer
 from .prepare import dry_run, quant_layers, set_quant_state
 from .quantizer import ActQuantizer, beta_schedule
@@ -184,7 +185,8 @@ def optimize_rows(
 ) -> dict[str, float]:
     if iters == 0 or not params:
         return {"iters": 0}
-    opt = torch.optim.Adam(params, lr=lr)
+    # fused Adam: one kernel over every tensor (the reference path keeps the single-tensor loop)
+    opt = torch.optim.Adam(params, lr=lr, **({"fused": True} if fused_enabled() else {"foreach": False}))
     learn = {id(p) for p in params}
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0) if cosine else None
     gen = torch.Generator().manual_seed(seed)
@@ -193,8 +195,8 @@ def optimize_rows(
     with torch.enable_grad():
         for step in bar:
             idx = torch.randperm(n_rows, generator=gen)[:batch_size]
+            reg = reg_fn(step) if reg_fn is not None else None  # before the forward: a fused one sets its state
             rec = step_fn(idx)
-            reg = reg_fn(step) if reg_fn is not None else None
             loss = rec if reg is None else rec + reg
             grads = torch.autograd.grad(loss, params)  # only the learned tensors: no .grad on FP weights
             for p, g in zip(params, grads):
@@ -211,9 +213,22 @@ def optimize_rows(
 
 
 def rounding_regularizer(layers: list[QuantLayer], cfg: ReconConfig, iters: int) -> Callable[[int], torch.Tensor | None]:
+    """``reg(step)``: the rounding regulariser's term of the loss at ``step`` (``None``: none to add).
+
+    Fused (the default, ``tfmq.quant.fused``): ``reg(step)`` sets the coefficient and beta that the
+    layers' soft-weight backward adds the regulariser's gradient with, and returns ``None``; call it
+    before the step's forward. Under ``reference_autograd()`` it returns the term's value.
+    """
+    quantizers = [q for l in layers for q in l.wq]
+
     def reg(step: int):
         beta = beta_schedule(step, iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
-        if beta is None or cfg.round_weight == 0:
+        on = beta is not None and cfg.round_weight != 0
+        if fused_enabled():
+            for q in quantizers:
+                q.set_round_reg(cfg.round_weight if on else 0.0, beta if on else 2.0)
+            return None
+        if not on:
             return None
         return cfg.round_weight * sum(l.round_regularizer(beta) for l in layers)
 
