@@ -400,7 +400,8 @@ def bench_call_shares(unet, calib, base: dict, bits: str, device, tmp: Path) -> 
         timers = _Timers({
             "calibration reads": (calib_mod.CalibrationSet, "load_step"),
             "weight clipping search (prepare)": (quant_mod, "mse_clip_search"),
-            "unit input/output capture": (recon_mod, "capture_unit_io"),
+            "unit input/output capture (per unit)": (recon_mod, "capture_unit_io"),
+            "FP input/output capture (one pass)": (recon_mod, "capture_fp_io_once"),
             "BRECQ / step-learning loops": (recon_mod, "optimize_rows"),
             "TIAR loop": (tiar_mod, "optimize_rows"),
             "FSC per-timestep passes": (methods_mod, "finite_set_calibration"),

@@ -147,3 +147,43 @@ def test_pipeline_budget_reaches_the_stage_and_leaves_no_spill(tmp_path, monkeyp
     units = json.loads((tmp_path / "quant" / "s" / "stage_times.json").read_text())["recon_blocks"]["stats"]["units"]
     assert units and all(u["cache_spilled"] == 2 for u in units.values())
     assert not (progress_dir(setting) / "spill").exists()
+
+
+@pytest.mark.parametrize("method", ["tfmq", "qdiffusion"])
+def test_one_fp_pass_captures_every_units_fp_tensors_with_the_same_result(tmp_path, monkeypatch, method):
+    """Without a budget, BRECQ's FP targets (and Q-Diffusion's FP inputs and targets) come from one pass over the
+    calibration rows instead of one partial pass per unit: fewer UNet calls, a byte-identical model."""
+    from tfmq.quant import reconstruction
+
+    cfg = small_config(method)
+    results = {}
+    for one_pass in (True, False):
+        if not one_pass:
+            monkeypatch.setattr(reconstruction, "capture_fp_io_once", lambda *a, **k: None)
+        unet = tiny_unet("uncond")
+        calls = []
+        unet.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+        q = tfmq.quantize(unet, calib("uncond"), cfg, progress=False)
+        results[one_pass] = (_tensor_bytes(tfmq.save(q, tmp_path / f"m-{one_pass}")), len(calls))
+    assert results[True][0] == results[False][0]
+    assert results[True][1] < results[False][1] * 0.8, results  # the per-unit FP captures are gone
+
+
+def test_the_one_pass_capture_steps_aside_when_the_caches_would_not_fit(monkeypatch):
+    from tfmq.quant import reconstruction
+
+    unet = tfmq.prepare_model(tiny_unet("uncond"), small_config("qdiffusion"))
+    tfmq.set_quant_state(unet, weight=False, act=False)
+    data = every_kth_step(calib("uncond"), 2)
+    units = {i: u.module for i, u in enumerate(reconstruction.discover_units(unet))}
+    assert len(units) > 3
+    monkeypatch.setattr(reconstruction, "_available_bytes", lambda: 1000)  # far less than the caches
+    assert reconstruction.capture_fp_io_once(unet, units, data, 8, "cpu", True, MemoryPolicy()) is None
+    assert reconstruction.capture_fp_io_once(unet, units, data, 8, "cpu", True, MemoryPolicy(budget_mb=64)) is None
+    monkeypatch.setattr(reconstruction, "_available_bytes", lambda: 2**40)
+    caches = reconstruction.capture_fp_io_once(unet, units, data, 8, "cpu", True, MemoryPolicy())
+    n = int(data["sample"].shape[0])
+    assert sorted(caches) == sorted(units) and all(i.filled == n and o.filled == n for i, o in caches.values())
+    k = sorted(units)[-1]  # the last unit: its per-unit capture runs the whole UNet up to it
+    _, per_unit = reconstruction.capture_unit_io(unet, units[k], data, 8, "cpu", False, True)
+    assert torch.equal(caches[k][1].all(), per_unit.all())

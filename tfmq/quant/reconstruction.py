@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
@@ -155,6 +157,84 @@ def capture_unit_io(
     return ins, outs
 
 
+def _available_bytes() -> int | None:
+    """MemAvailable of this machine (Linux), ``None`` where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def capture_fp_io_once(
+    unet: nn.Module, units: dict[int, nn.Module], data: Batch, batch_size: int, device, want_input: bool,
+    memory: MemoryPolicy, share: float = 0.25,
+) -> dict[int, tuple[RowCache | None, RowCache]] | None:
+    """The FP inputs (``want_input``) and outputs of every module in ``units`` from ONE pass of ``data``.
+
+    Per-unit capture runs the UNet from its start up to each unit, so a stage with U units pays ~U/2 full
+    passes per cache; FP tensors do not depend on how far reconstruction has got, so one pass holds them all.
+    The values are the per-unit capture's (same batches, same kernels). Only without a memory budget and when
+    every cache together fits in ``share`` of the machine's available memory (measured on the first batch);
+    otherwise ``None``, and the caller captures unit by unit. The caller sets the FP quant state and closes
+    the caches.
+    """
+    if memory.budget_bytes is not None or not units:
+        return None
+    n = num_rows(data)
+    per_row = {k: 0 for k in units}
+
+    def size(k):
+        def hook(m, args, kwargs, out=None):
+            leaves, _ = tree_flatten(((args, kwargs) if want_input else ()) if out is None else _main_output(out))
+            per_row[k] += sum(l[0].numel() * l.element_size() for l in leaves if isinstance(l, torch.Tensor)
+                              and l.dim() > 0 and l.shape[0] == rows)
+        return hook
+
+    first = next(batches(data, batch_size, device))
+    rows = num_rows(first)
+    hs = [m.register_forward_pre_hook(size(k), with_kwargs=True) for k, m in units.items()]
+    hs += [m.register_forward_hook(size(k), with_kwargs=True) for k, m in units.items()]
+    try:
+        with torch.no_grad():
+            unet(**first)
+    finally:
+        for h in hs:
+            h.remove()
+    avail = _available_bytes()
+    if avail is None or sum(per_row.values()) * n > share * avail:
+        return None
+    caches = {k: (RowCache(n) if want_input else None, RowCache(n)) for k in units}
+
+    def pre(k):
+        return lambda m, args, kwargs: caches[k][0].append((args, kwargs))
+
+    def post(k):
+        return lambda m, args, kwargs, out: caches[k][1].append(_main_output(out))
+
+    hs = [m.register_forward_hook(post(k), with_kwargs=True) for k, m in units.items()]
+    if want_input:
+        hs += [m.register_forward_pre_hook(pre(k), with_kwargs=True) for k, m in units.items()]
+    try:
+        with torch.no_grad():
+            for b in batches(data, batch_size, device):
+                unet(**b)
+    except BaseException:
+        for i, o in caches.values():
+            o.close()
+            if i is not None:
+                i.close()
+        raise
+    finally:
+        for h in hs:
+            h.remove()
+    if any(o.filled != n for _, o in caches.values()):
+        raise RuntimeError("a reconstruction unit was not executed by the UNet forward; cannot cache its outputs")
+    return caches
+
+
 def unit_step(unit: nn.Module, inputs: RowCache, target: RowCache, device, p: float = 2.0) -> Callable[[torch.Tensor], torch.Tensor]:
     """The reconstruction loss of ``unit`` on cached rows ``idx`` (each mini-batch moved to ``device``)."""
 
@@ -269,6 +349,10 @@ def reconstruct_units(
         records = resume.open(_unit_identity(unet, data, cfg, units, todo, frozen, skip_layers, seed))
         done = {int(r["index"]): r for r in records}
     last_done = max(done, default=-1)
+    todo = {ui: u.module for ui, u in enumerate(units) if ui not in done
+            and any(l.name not in frozen and not l.finalized for l in u.layers())}
+    set_quant_state(unet, weight=False, act=False)
+    fp_out = capture_fp_io_once(unet, todo, data, capture_batch_size, device, False, memory) or {}
     for ui, unit in enumerate(tqdm(units, desc="BRECQ units", disable=not progress)):
         layers = [l for l in unit.layers() if l.name not in frozen and not l.finalized]
         if not layers:
@@ -277,8 +361,11 @@ def reconstruct_units(
             per_unit[unit.name] = resume.restore(done[ui], layers, last=ui == last_done)[0]
             continue
         set_quant_state(unet, weight=False, act=False)
-        _, target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, False, True,
-                                    memory.budget_bytes, memory.spill_dir)
+        if ui in fp_out:
+            target = fp_out.pop(ui)[1]
+        else:
+            _, target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, False, True,
+                                        memory.budget_bytes, memory.spill_dir)
         set_quant_state(unet, weight=True, act=False)
         inputs, _ = capture_unit_io(unet, unit.module, data, capture_batch_size, device, True, False,
                                     memory.left_after(target), memory.spill_dir)
@@ -367,6 +454,9 @@ def learn_activation_steps(
         })
         done = {int(r["index"]): r for r in records}
     last_done = max(done, default=-1)
+    set_quant_state(unet, weight=False, act=False)
+    fp_io = capture_fp_io_once(unet, {ui: u.module for ui, u in enumerate(units) if shared[ui] and ui not in done},
+                               data, capture_batch_size, device, True, memory) or {}
     for ui, unit in enumerate(tqdm(units, desc="activation step sizes", disable=not progress)):
         qs = shared[ui]
         if not qs:
@@ -377,10 +467,13 @@ def learn_activation_steps(
                 q.scale.data = scales[qname[id(q)]].to(q.scale.device)
             continue
         set_quant_state(unet, weight=False, act=False)
-        _, target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, False, True,
-                                    memory.budget_bytes, memory.spill_dir)
-        inputs, _ = capture_unit_io(unet, unit.module, data, capture_batch_size, device, True, False,
-                                    memory.left_after(target), memory.spill_dir)
+        if ui in fp_io:
+            inputs, target = fp_io.pop(ui)
+        else:
+            _, target = capture_unit_io(unet, unit.module, data, capture_batch_size, device, False, True,
+                                        memory.budget_bytes, memory.spill_dir)
+            inputs, _ = capture_unit_io(unet, unit.module, data, capture_batch_size, device, True, False,
+                                        memory.left_after(target), memory.spill_dir)
         set_quant_state(unet, weight=True, act=True)
         for q in qs:
             q.scale.requires_grad_(True)
