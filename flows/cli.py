@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console entry point: ``main()``, then exit without the interpreter's module teardown.
+    """Console entry point: ``main()`` (in the warm server when ``TFMQ_WARM_SOCKET`` names one, ``flows.warm``),
+    then exit without the interpreter's module teardown.
 
     With torch and diffusers loaded, tearing the modules down takes about a second per process,
     which `dvc repro` pays for every stage. All outputs are written (atomically) and closed by
@@ -239,9 +240,24 @@ def run() -> None:
     and Prefect's log/event drains (``threading._shutdown``), then the ``atexit`` handlers
     (logging, MLflow). ``TFMQ_FAST_EXIT=0`` restores the normal exit.
     """
+    warm = os.environ.get("TFMQ_WARM_SOCKET")
+    if warm:
+        from flows.warm import call  # standard library only: nothing heavy is imported before the hand-over
+
+        code = call(warm, sys.argv[1:])
+        if code is not None:
+            sys.exit(code)
     code = main()
     if os.environ.get("TFMQ_FAST_EXIT", "1") == "0":
         sys.exit(code)
+    try:
+        finish_process()
+    finally:
+        os._exit(code)
+
+
+def finish_process() -> None:
+    """What a process must still do at exit once its outputs are written: thread drains, then ``atexit``."""
     import atexit
     import threading
 
@@ -253,7 +269,6 @@ def run() -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ PORT="${TFMQ_PREFECT_PORT:-4200}"
 health() { python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/api/health', timeout=2)" 2>/dev/null; }
 T0=$(date +%s)
 SERVER_PID=""
+WARM_PID=""
+cleanup() {
+  for p in $WARM_PID $SERVER_PID; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  true
+}
+trap cleanup EXIT
 if [ -z "${PREFECT_API_URL:-}" ]; then
   if ! health; then
     echo "[tfmq] starting a Prefect server on 127.0.0.1:$PORT (log: .prefect/server.log)"
@@ -26,7 +32,6 @@ if [ -z "${PREFECT_API_URL:-}" ]; then
     PREFECT_UI_API_URL="http://127.0.0.1:$PORT/api" \
       prefect server start --host 127.0.0.1 --port "$PORT" --analytics-off > .prefect/server.log 2>&1 &
     SERVER_PID=$!
-    trap '[ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null || true' EXIT
     for _ in $(seq 1 120); do health && break; sleep 1; done
     health || { echo "[tfmq] Prefect server did not come up; see .prefect/server.log" >&2; exit 1; }
   fi
@@ -41,6 +46,16 @@ if [ "$QUICK" = 1 ]; then
 fi
 mkdir -p .dvc/tmp
 export TFMQ_TIMINGS_LOG="$PWD/.dvc/tmp/stage_times-$(date +%Y%m%d-%H%M%S).jsonl"
+# One warm process pays the imports (torch, diffusers, Prefect, MLflow: ~10 s) once; every stage's `tfmq`
+# command is forked from it (flows/warm.py). TFMQ_WARM=0: every stage starts its own interpreter.
+if [ "${TFMQ_WARM:-1}" = 1 ] && [ -z "${TFMQ_WARM_SOCKET:-}" ]; then
+  export TFMQ_WARM_SOCKET="${TMPDIR:-/tmp}/tfmq-warm-$$.sock"
+  python -m flows.warm serve --socket "$TFMQ_WARM_SOCKET" > .dvc/tmp/warm.log 2>&1 &
+  WARM_PID=$!
+  for _ in $(seq 1 240); do [ -S "$TFMQ_WARM_SOCKET" ] && break; kill -0 "$WARM_PID" 2>/dev/null || break; sleep 0.5; done
+  if [ -S "$TFMQ_WARM_SOCKET" ]; then echo "[tfmq] $(head -1 .dvc/tmp/warm.log)"
+  else echo "[tfmq] the warm server did not start (.dvc/tmp/warm.log); every stage starts its own process"; unset TFMQ_WARM_SOCKET; fi
+fi
 T1=$(date +%s)
 dvc repro "$@"
 T2=$(date +%s)

@@ -281,7 +281,7 @@ def test_setting_carries_the_config_the_stages_used_to_build():
         "quant/fashion_ddpm/qdiffusion-W4A32", "results/fashion_ddpm/qdiffusion-W4A32",
         "results/metrics/fashion_ddpm/qdiffusion-W4A32.json", "quant/fashion_ddpm/qdiffusion-W4A32/model",
         "models/fashion_ddpm", "calib/fashion_ddpm", "fashion_ddpm")
-    assert s.config.recon.iters == 100 and s.config.calib.every_k == 2
+    assert s.config.recon.iters == PARAMS["quant"]["recon"]["iters"] == 300 and s.config.calib.every_k == 2
     exp = quantized_setting(params, name="exp")  # the *_exp stages: the quant section as written
     assert exp.config == QuantConfig.from_dict(PARAMS["quant"]) and exp.bits == "W4A8"
     assert exp.quant_dir == "quant/fashion_ldm/exp"
