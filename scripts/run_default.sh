@@ -53,7 +53,7 @@ if [ "${TFMQ_WARM:-1}" = 1 ] && [ -z "${TFMQ_WARM_SOCKET:-}" ]; then
   python -m flows.warm serve --socket "$TFMQ_WARM_SOCKET" > .dvc/tmp/warm.log 2>&1 &
   WARM_PID=$!
   for _ in $(seq 1 240); do [ -S "$TFMQ_WARM_SOCKET" ] && break; kill -0 "$WARM_PID" 2>/dev/null || break; sleep 0.5; done
-  if [ -S "$TFMQ_WARM_SOCKET" ]; then echo "[tfmq] $(head -1 .dvc/tmp/warm.log)"
+  if [ -S "$TFMQ_WARM_SOCKET" ]; then head -1 .dvc/tmp/warm.log
   else echo "[tfmq] the warm server did not start (.dvc/tmp/warm.log); every stage starts its own process"; unset TFMQ_WARM_SOCKET; fi
 fi
 T1=$(date +%s)

@@ -362,9 +362,10 @@ def _line(c: dict[str, Any]) -> str:
                                                    "psnr") if k != m and k in c]
     return (f"{head}: Δ{label} {t['diff'] * sc:+.{dg}f} [{t['ci'][0] * sc:+.{dg}f}, {t['ci'][1] * sc:+.{dg}f}], "
             f"Holm-corrected [{d['holm_ci'][0] * sc:+.{dg}f}, {d['holm_ci'][1] * sc:+.{dg}f}] (z {d['z']:+.1f}, p "
-            f"{t['p']:.2g}, Holm p {d['holm_p']:.2g} of {d['family']}) -> **{d['level']}**"
-            f"{'' if d['level'] == 'none' else ' for' if d['favours_claim'] else ' against'} the claim{seeds}; "
-            + "; ".join(extra))
+            f"{t['p']:.2g}, Holm p {d['holm_p']:.2g} of {d['family']}) -> "
+            + ("**none** (no Holm-significant difference)" if d["level"] == "none" else
+               f"**{d['level']}** {'for' if d['favours_claim'] else 'against'} the claim")
+            + f"{seeds}; " + "; ".join(extra))
 
 
 def _outcomes(cs: list[dict[str, Any]]) -> list[V.Outcome]:

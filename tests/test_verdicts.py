@@ -75,8 +75,13 @@ def test_bootstrap_test_reads_z_and_the_recentred_interval():
     t = bootstrap_test(2.0, vals, lower_is_better=True)
     assert t.se == pytest.approx(1.0, abs=0.03) and t.z == pytest.approx(2.0, abs=0.07)
     assert t.p == pytest.approx(two_sided_p(t.z), rel=1e-12)
-    assert t.ci[0] == pytest.approx(2.0 - 1.96, abs=0.1) and t.ci[1] == pytest.approx(2.0 + 1.96, abs=0.1)
+    assert t.ci == pytest.approx((2.0 - z_for(0.95) * t.se, 2.0 + z_for(0.95) * t.se), rel=1e-12)
+    assert t.ci_percentile[0] == pytest.approx(2.0 - 1.96, abs=0.1) and t.ci_percentile[1] == pytest.approx(2.0 + 1.96, abs=0.1)
     assert not t.a_better  # a positive difference of a lower-is-better metric favours B
+    skewed = 1.0 + rng.exponential(1.0, 4000) - 1.0  # a long right tail: the percentile interval excludes 0 ...
+    s = bootstrap_test(1.9, skewed, lower_is_better=True)
+    assert s.ci_percentile[0] > 0 and s.p > 0.05  # ... where the normal p does not: the two could disagree
+    assert (s.ci[0] > 0) == (s.p < 0.05)  # the interval shown and p agree about 0, by construction
 
 
 def test_domain_embeddings_and_the_domain_frechet_distance_against_float64_by_hand():

@@ -45,9 +45,12 @@ class PairedTest:
         diff: the point estimate of metric(A) - metric(B).
         se: its standard error (bootstrap standard deviation, or McNemar's paired-proportion standard error).
         p: two-sided p-value of "no difference", uncorrected.
-        ci: the uncorrected 95 % interval (percentile bootstrap re-centred on the point, or normal).
+        ci: the uncorrected 95 % interval, from the same normal approximation as ``p`` (``diff +- 1.96 se``), so
+            an interval that excludes 0 always has ``p < 0.05`` and the other way round.
         lower_is_better: whether a negative difference favours A.
         method: how ``p`` was computed.
+        ci_percentile: a bootstrap's percentile interval re-centred on the point (shown beside ``ci`` where the
+            bootstrap is skewed; ``None`` for McNemar).
     """
 
     diff: float
@@ -56,6 +59,7 @@ class PairedTest:
     ci: tuple[float, float]
     lower_is_better: bool
     method: str
+    ci_percentile: tuple[float, float] | None = None
 
     @property
     def z(self) -> float:
@@ -73,7 +77,8 @@ class PairedTest:
 
     def to_json(self) -> dict:
         return {"diff": self.diff, "se": self.se, "z": self.z, "p": self.p, "ci": list(self.ci),
-                "lower_is_better": self.lower_is_better, "method": self.method}
+                "lower_is_better": self.lower_is_better, "method": self.method,
+                **({} if self.ci_percentile is None else {"ci_percentile": list(self.ci_percentile)})}
 
 
 def bootstrap_test(point: float, values: np.ndarray, lower_is_better: bool, confidence: float = 0.95) -> PairedTest:
@@ -81,8 +86,9 @@ def bootstrap_test(point: float, values: np.ndarray, lower_is_better: bool, conf
 
     The standard error is the values' standard deviation; ``p`` is the normal two-sided p of ``point / se`` (stable in
     the far tail where percentile counts are not: at 2 000 rounds a Holm threshold of 0.05 / 40 leaves 2.5 rounds);
-    ``ci`` is the percentile interval re-centred on the point (the duplicate bias of a bootstrap set metric is
-    nearly the same on both sides).
+    ``ci`` is the normal interval of the same approximation (``point +- z se``), so the interval and ``p`` never
+    disagree about 0; ``ci_percentile`` is the percentile interval re-centred on the point (the duplicate bias of a
+    bootstrap set metric is nearly the same on both sides), kept for a skewed bootstrap.
     """
     v = np.asarray(values, np.float64)
     if v.ndim != 1 or len(v) < 2:
@@ -91,8 +97,10 @@ def bootstrap_test(point: float, values: np.ndarray, lower_is_better: bool, conf
     med = float(np.median(v))
     lo, hi = np.percentile(v, [50 * (1 - confidence), 50 * (1 + confidence)])
     z = point / se if se > 0 else (0.0 if point == 0 else math.inf)
-    return PairedTest(float(point), se, two_sided_p(z), (float(point + lo - med), float(point + hi - med)),
-                      lower_is_better, f"paired bootstrap, {len(v)} rounds")
+    half = z_for(confidence) * se
+    return PairedTest(float(point), se, two_sided_p(z), (float(point - half), float(point + half)),
+                      lower_is_better, f"paired bootstrap, {len(v)} rounds",
+                      (float(point + lo - med), float(point + hi - med)))
 
 
 def _binom_two_sided(k: int, n: int) -> float:
