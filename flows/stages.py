@@ -125,7 +125,8 @@ def quantize_flow(setting: Setting, params: Params, keep_progress: bool = False)
     """TIAR -> block reconstruction -> activation calibration; returns the final checkpoint path.
 
     With ``quant_out.shared_weights`` set, stages 1-2 are adopted from the weight store when another
-    setting of the same weight key computed them, else computed here and filed there. The stages'
+    setting of the same weight key computed them, else computed here and filed there; likewise stage 3
+    up to the recipe's correction (PTQD adopts Q-Diffusion's finished model and runs only its correction). The stages'
     finished units are kept (``tasks.quantize.progress_dir``) until the final checkpoint is written, or
     with ``keep_progress`` until the caller drops them.
     """
@@ -141,7 +142,16 @@ def quantize_flow(setting: Setting, params: Params, keep_progress: bool = False)
                 tib = call(quant_tasks.recon_tib, setting, calib)
                 blocks = call(quant_tasks.recon_blocks, setting, calib, tib)
                 call(quant_tasks.publish_weights, setting, slot["key"], slot["store"], slot["desc"])
-    out = call(quant_tasks.calibrate_activations, setting, calib, blocks)
+    if not params.quant_out.shared_weights:
+        out = call(quant_tasks.calibrate_activations, setting, calib, blocks)
+    else:
+        with quant_tasks.shared_weight_slot(setting, calib, params.quant_out.shared_weights, upto="activations") as slot:
+            if slot["entry"] is not None:
+                out = call(quant_tasks.adopt_activations, setting, calib, slot["entry"], slot["key"])
+            else:
+                out = call(quant_tasks.calibrate_activations, setting, calib, blocks)
+                if quant_tasks.publishes_activations(setting):
+                    call(quant_tasks.publish_activations, setting, slot["key"], slot["store"], slot["desc"])
     if not keep_progress:
         quant_tasks.drop_progress(setting)
     return out

@@ -179,6 +179,19 @@ class PairedData:
                     per_sample={k: t[k].double().numpy() for k in ("psnr", "ssim", "lpips") if k in t})
         return self._sets[key]
 
+    def prefetch(self, models: list[str], workers: int | None = None) -> int:
+        """Every set metric of every paired sample file of ``models``, computed now on all cores
+        (``Comparator.prefetch``; ``workers``: ``None`` = the cores this process may use)."""
+        import os
+
+        workers = len(os.sched_getaffinity(0)) if workers is None else workers
+        n = 0
+        for model in dict.fromkeys(models):
+            names = sorted(p.stem for p in (self.root / "paired" / model).glob("*.safetensors"))
+            sets = [s for s in (self.load(model, name) for name in names) if s is not None]
+            n += self.comparator(model).prefetch(sets, workers)
+        return n
+
     def comparator(self, model: str) -> Comparator:
         if model not in self._comparators:
             ref, gauss = self.reference(model), None
@@ -588,6 +601,7 @@ def paired_report(out_dir: str, grid, studies, reference_path: str | dict[str, s
     """Markdown sections (equal footing, own defaults, poster tables, claims, resolution) and their data
     (``claims.json``)."""
     pd = PairedData(out_dir, reference_path, rules.rounds, rules.seed, domain, rules=rules)
+    pd.prefetch([*grid.models, studies.model])
     model = studies.model
     note_eq = ("Every method with TFMQ's layer policy, no attention-matmul quantizers, no shortcut split: only the "
                "method differs. Differences are row - TFMQ on the same samples (negative ΔFID / Δdomain FD, positive "

@@ -14,7 +14,10 @@ The tasks take the run's ``tasks.setting.Setting`` (its ``QuantConfig``, built o
 Shared weight stages (``quant_out.shared_weights``, docs/method.md section 12): stages 1 and 2 are
 weight-only, so a setting whose weight identity, FP model, calibration set and code match an earlier
 one's (``tfmq.quant.share.weight_key``) adopts that setting's two checkpoints (``adopt_weights``)
-instead of recomputing them; the first one computes them and files them (``publish_weights``).
+instead of recomputing them; the first one computes them and files them (``publish_weights``). In
+the same way a setting whose stages 1-3 equal an earlier one's up to its recipe's correction adopts
+that setting's finished model and runs only its correction (``adopt_activations``: PTQD on
+Q-Diffusion's model); every setting without a correction files its model (``publish_activations``).
 """
 from __future__ import annotations
 
@@ -125,19 +128,72 @@ def store_root(shared_weights: str) -> Path:
 
 
 @contextlib.contextmanager
-def shared_weight_slot(setting: Setting, calib_dir: str, shared_weights: str) -> Iterator[dict[str, Any]]:
-    """Hold the store lock of this setting's weight key; yields ``{"key", "store", "entry"}`` (``entry``:
-    the stored record, or ``None`` when this setting must compute and publish them)."""
+def shared_weight_slot(setting: Setting, calib_dir: str, shared_weights: str, upto: str = "blocks") -> Iterator[dict[str, Any]]:
+    """Hold the store lock of this setting's key; yields ``{"key", "store", "entry", "desc"}`` (``entry``:
+    the stored record, or ``None`` when this setting must compute and publish them). ``upto``: ``blocks``
+    (the weight stages) or ``activations`` (stages 1-3 before the recipe's correction)."""
     from tfmq.quant.share import WeightStore, weight_key
 
     t0 = time.perf_counter()
-    key, desc = weight_key(setting.config, setting.fp_dir, calib_dir, device())
+    key, desc = weight_key(setting.config, setting.fp_dir, calib_dir, device(), upto=upto)
     store = WeightStore(store_root(shared_weights))
+    what = "weight stages" if upto == "blocks" else "stages 1-3"
     with store.lock(key):
-        entry = store.get(key)
-        logger().info("weight stages of %s: key %s, %s (%.2f s to hash the inputs)", setting.name, key,
+        entry = store.get(key, ("tib", "blocks") if upto == "blocks" else (ACT_PART,))
+        logger().info("%s of %s: key %s, %s (%.2f s to hash the inputs)", what, setting.name, key,
                       f"shared from {entry['computed_by']}" if entry else "computed here", time.perf_counter() - t0)
         yield {"key": key, "store": str(store.root), "entry": entry, "desc": desc}
+
+
+#: the name of the finished (pre-correction) model in an activation entry of the store
+ACT_PART = "model"
+
+
+def publishes_activations(setting: Setting) -> bool:
+    """True when this setting's final checkpoint is its stages 1-3 as such (its recipe has no correction),
+    so another setting may adopt it (``adopt_activations``)."""
+    from tfmq.quant.recipes import get_recipe
+    from tfmq.quant.steps import resolve_step
+
+    return resolve_step("correction", get_recipe(setting.config.method), setting.config) == "none"
+
+
+@pipeline_task
+def adopt_activations(setting: Setting, calib_dir: str, entry: dict[str, Any], key: str) -> str:
+    """Stage 3 from the store: another setting's finished model with this setting's config, then only this
+    setting's correction (``tfmq.adopt_activations``; PTQD on Q-Diffusion's model)."""
+    import tfmq
+    from tfmq.diffusion.calibration import CalibrationSet
+    from tfmq.diffusion.models import load_fp_model
+
+    qdir = Path(setting.quant_dir)
+    t0 = time.perf_counter()
+    unet, _ = load_fp_model(setting.fp_dir, device())
+    with timed(COMPUTE_TIMES, "calibrate_activations"):
+        stats = tfmq.adopt_activations(Path(entry["path"]) / ACT_PART, unet, CalibrationSet(calib_dir), setting.config,
+                                       device=device(), progress=show_progress())
+    out = qdir / STAGE_FILES["calibrate_activations"]
+    tfmq.save(unet, out, extra_metadata={"pipeline_stage": "calibrate_activations",
+                                         "activations_shared_from": entry["computed_by"], "activations_key": key})
+    seconds = time.perf_counter() - t0
+    _record(qdir, "calibrate_activations", seconds, stats,
+            shared={"from": entry["computed_by"], "key": key,
+                    "computed_wall_s": round(entry["wall_s"]["calibrate_activations"] + stats["correction_s"], 3)})
+    logger().info("stages 1-3 of %s adopted from %s (key %s); correction %.1f s", setting.name, entry["computed_by"],
+                  key, stats["correction_s"])
+    return str(out)
+
+
+@pipeline_task
+def publish_activations(setting: Setting, key: str, store: str, desc: dict[str, Any]) -> str:
+    """File this setting's final checkpoint (stages 1-3, no correction) under ``key`` (one rename)."""
+    from tfmq.quant.share import WeightStore
+
+    qdir = Path(setting.quant_dir)
+    times = json.loads((qdir / "stage_times.json").read_text())
+    record = {"computed_by": f"{setting.model}/{setting.name}", "key": key, "inputs": desc,
+              "wall_s": {"calibrate_activations": times["calibrate_activations"]["wall_s"]}}
+    return str(WeightStore(store).put(key, {ACT_PART: qdir / STAGE_FILES["calibrate_activations"]}, record))
 
 
 @pipeline_task

@@ -13,7 +13,7 @@ import torch
 
 import tfmq
 from tfmq.quant.prepare import get_state, quant_layers
-from tfmq.quant.share import WeightStore, same_weights, weight_identity, weight_key
+from tfmq.quant.share import WeightStore, same_activations, same_weights, weight_identity, weight_key
 
 from engine_fixtures import calib, run, small_config, tiny_unet, unet_inputs
 
@@ -137,3 +137,48 @@ def test_store_entries_appear_whole(tmp_path):
 def test_identity_is_a_plain_json_document():
     ident = weight_identity(dataclasses.replace(small_config("qdiffusion")))
     assert json.loads(json.dumps(ident)) == ident
+
+
+def _saved_tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from tfmq.quant.checkpoint import WEIGHTS_NAME
+
+    return load_file(str(path / WEIGHTS_NAME))
+
+
+def test_activation_identity_allows_only_a_different_correction():
+    assert same_activations(small_config("qdiffusion"), small_config("ptqd"))  # PTQD = Q-Diffusion + a correction
+    assert same_activations(small_config("tfmq", fsc=False), small_config("tfmq", fsc=False, seed=0))
+    for a, b in ((small_config("qdiffusion"), small_config("ptqd", act_bits=6)),
+                 (small_config("qdiffusion"), small_config("ptqd", act_recon=dict(iters=6))),
+                 (small_config("qdiffusion"), small_config("ptqd", weight_bits=8)),
+                 (small_config("tfmq"), small_config("tfmq", fsc=False)),
+                 (small_config("tfmq"), small_config("freeze")),
+                 (small_config("tfmq"), small_config("tfmq", calib=dict(fsc_momentum=0.9)))):
+        assert not same_activations(a, b)
+    key = weight_key(small_config("qdiffusion"), ".", ".", "cpu", upto="activations")[1]["identity"]
+    assert key["upto"] == "activations" and key["steps"]["activations"] == "learned" and "method" not in key
+
+
+def test_adopting_qdiffusion_for_ptqd_equals_quantizing_ptqd(tmp_path):
+    """PTQD from Q-Diffusion's finished model + PTQD's correction alone: every saved tensor equal to PTQD's own."""
+    c = calib("uncond")
+    tfmq.save(tfmq.quantize(tiny_unet("uncond"), c, small_config("qdiffusion"), progress=False), tmp_path / "qd")
+    tfmq.save(tfmq.quantize(tiny_unet("uncond"), c, small_config("ptqd"), progress=False), tmp_path / "own")
+    unet = tiny_unet("uncond")
+    stats = tfmq.adopt_activations(tmp_path / "qd", unet, c, small_config("ptqd"), progress=False)
+    assert stats["adopted_from"]["method"] == "qdiffusion" and stats["correction"]["mode"] == "ptqd"
+    assert get_state(unet).stages_done == ["temporal", "blocks", "activations"]
+    tfmq.save(unet, tmp_path / "adopted")
+    own, adopted = _saved_tensors(tmp_path / "own"), _saved_tensors(tmp_path / "adopted")
+    assert set(own) == set(adopted) and any("noise_correction" in k for k in own)
+    assert [k for k in own if not torch.equal(own[k], adopted[k])] == []
+    assert tfmq.read_header(tmp_path / "adopted")["config"]["method"] == "ptqd"
+    with pytest.raises(tfmq.CheckpointMismatchError, match="carries a noise correction"):  # PTQD's own is corrected
+        tfmq.adopt_activations(tmp_path / "own", tiny_unet("uncond"), c, small_config("ptqd"), progress=False)
+    with pytest.raises(tfmq.CheckpointMismatchError, match=r"act_bits: 8 vs 6"):
+        tfmq.adopt_activations(tmp_path / "qd", tiny_unet("uncond"), c, small_config("ptqd", act_bits=6), progress=False)
+    tfmq.save(_weight_stages(small_config("qdiffusion")), tmp_path / "blocks")
+    with pytest.raises(tfmq.CheckpointMismatchError, match="not calibrated"):
+        tfmq.adopt_activations(tmp_path / "blocks", tiny_unet("uncond"), c, small_config("ptqd"), progress=False)

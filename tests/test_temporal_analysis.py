@@ -206,6 +206,27 @@ def test_activation_ranges_per_timestep(tmp_path):
         T.activation_ranges(unet, ["nope"], num_inference_steps=2)
 
 
+def test_ranges_recorded_on_the_trajectory_equal_separate_passes():
+    """temporal_report takes each model's activation ranges from the trajectory's own passes: the same tensors as
+    activation_ranges(fp) and activation_ranges(q), bit for bit (not the quantized step taken from the FP x_t)."""
+    fp = _unet("class")
+    q = _perturbed(fp, T.temporal_resnets(fp)[-1][0])
+    names = T.default_activation_layers(fp)
+    labels = torch.tensor([1, 2])
+    traj = T.trajectory_deviation(fp, q, DDIMScheduler(num_train_timesteps=1000), num_inference_steps=4, num_samples=2,
+                                  seed=3, eta=0.5, class_labels=labels, range_layers=names)
+    for tag, model in (("fp", fp), ("q", q)):
+        alone = T.activation_ranges(model, names, DDIMScheduler(num_train_timesteps=1000), num_inference_steps=4,
+                                    num_samples=2, seed=3, eta=0.5, class_labels=labels)
+        got = traj["activation_ranges"][tag]
+        assert got["names"] == alone["names"] and got["timesteps"] == alone["timesteps"]
+        assert torch.equal(got["min"], alone["min"]) and torch.equal(got["max"], alone["max"])
+        assert got["min"].shape == (4, len(names))
+    assert not torch.equal(traj["activation_ranges"]["fp"]["max"], traj["activation_ranges"]["q"]["max"])
+    assert "activation_ranges" not in T.trajectory_deviation(fp, q, num_inference_steps=2, num_samples=2, class_labels=labels)
+    assert all(not m._forward_pre_hooks for m in list(fp.modules()) + list(q.modules()))  # hooks removed
+
+
 def test_temporal_report_writes_all_outputs(tmp_path):
     fp = _unet("class")
     target = T.temporal_resnets(fp)[-1][0]

@@ -177,3 +177,23 @@ def test_fid_of_a_resample_with_duplicates_equals_the_fid_of_the_repeated_rows()
     # the materialised rows' Gram matrix has one zero eigenvalue per duplicate, each ~1e-14 after rounding, whose
     # square roots (~1e-7 each) the plain formula sums: the weighted one has none of them
     assert f(idx) == pytest.approx(plain, rel=1e-7)
+
+
+def test_prefetch_on_two_processes_gives_the_lazy_values_bit_for_bit():
+    rng = np.random.default_rng(5)
+    real = rng.standard_normal((600, 12))
+    ref = GaussianReference.of(real, keep=True)
+    base = rng.standard_normal((64, 12))
+    sets = [SampleSet(f"s{k}", 64, features=base + 0.1 * k, domain_features=base * (1 + 0.05 * k)) for k in range(3)]
+    lazy = Comparator(rounds=60, seed=2, reference=ref, domain_reference=ref, rounds_of={"fid": 20, "kid": 20})
+    eager = Comparator(rounds=60, seed=2, reference=ref, domain_reference=ref, rounds_of={"fid": 20, "kid": 20})
+    assert eager.prefetch(sets, workers=2) == 9  # fid, kid and domain_fd of each set
+    assert eager.prefetch(sets, workers=2) == 0  # nothing left to compute
+    for s in sets:
+        for metric, rounds in (("fid", 20), ("kid", 20), ("domain_fd", 60)):
+            point, vals = eager._values[(metric, s.name)]
+            p2, v2 = lazy.set_values(metric, s)
+            assert point == p2 and len(vals) == rounds
+            np.testing.assert_array_equal(vals, v2)
+    only_domain = SampleSet("d", 64, domain_features=base)
+    assert Comparator(rounds=10, seed=0, domain_reference=ref).prefetch([only_domain], workers=2) == 1

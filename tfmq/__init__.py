@@ -21,7 +21,7 @@ from .quant.steps import STEP_KINDS, StepContext, get_step, register_step, step_
 from .quant.quantizer import UncalibratedTimestepError
 from .quant.prepare import enable_inference, prepare_model, set_quant_state
 from .quant.tib import TemporalInformationBlock, temporal_features
-from .quant.api import calibrate_activations, quant_summary, quantize, reconstruct_blocks, reconstruct_temporal
+from .quant.api import adopt_activations, calibrate_activations, quant_summary, quantize, reconstruct_blocks, reconstruct_temporal
 from .quant.checkpoint import (
     CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load, read_header, save, verify_checkpoint,
 )
@@ -35,7 +35,7 @@ __all__ = [
     "RECIPES", "Recipe", "get_recipe", "register_recipe", "METHODS", "UncalibratedTimestepError",
     "STEP_KINDS", "StepContext", "get_step", "register_step", "step_names",
     "enable_inference", "prepare_model", "set_quant_state", "TemporalInformationBlock", "temporal_features",
-    "calibrate_activations", "quant_summary", "quantize", "reconstruct_blocks", "reconstruct_temporal",
+    "adopt_activations", "calibrate_activations", "quant_summary", "quantize", "reconstruct_blocks", "reconstruct_temporal",
     "CheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError", "load", "read_header", "save",
     "verify_checkpoint", "ExportError", "ExportReport", "export_int8", "CalibrationSet", "capture_calibration_data",
 ]

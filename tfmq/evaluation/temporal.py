@@ -62,6 +62,7 @@ def temporal_report(
     ``temporal_feature_error.png``, ``temporal_mismatch.png``, ``trajectory_deviation.png``,
     ``activation_ranges_fp.png`` / ``_q.png``, ``temporal_table.csv`` and ``temporal.json`` (summary + series).
     """
+    from tfmq.evaluation.plots import plot_activation_ranges
     from tfmq.io import atomic_write_json
 
     out_dir = Path(out_dir)
@@ -79,12 +80,14 @@ def temporal_report(
     every = measure_temporal_features(fp, list(range(big_t)), class_label, "direct" if direct_ok else "hooks", unet_kwargs)
     mm_all = temporal_mismatch(f, g, candidates=every)
     labels = None if class_label is None else torch.full((num_samples,), int(class_label), dtype=torch.long)
+    # the activation ranges of each model along its own trajectory are recorded on the trajectory's passes
+    # (the same numbers as activation_ranges(fp) / activation_ranges(q), without sampling both twice more)
+    names = list(layer_names) if layer_names is not None else default_activation_layers(fp)
     traj = trajectory_deviation(fp, q, scheduler, num_inference_steps, num_samples, seed, eta, labels, unet_kwargs,
-                                out_dir / "trajectory_deviation.png", progress)
+                                out_dir / "trajectory_deviation.png", progress, range_layers=names)
     ranges = {}
-    for tag, model in (("fp", fp), ("q", q)):
-        r = activation_ranges(model, layer_names, scheduler, num_inference_steps, num_samples, seed, eta, labels,
-                              unet_kwargs, out_dir / f"activation_ranges_{tag}.png", progress)
+    for tag, r in traj.pop("activation_ranges").items():
+        plot_activation_ranges(r, out_dir / f"activation_ranges_{tag}.png")
         ranges[tag] = {"names": r["names"], "min": r["min"].tolist(), "max": r["max"].tolist()}
     write_csv(temporal_table(err, mm), out_dir / "temporal_table.csv")
     summary = {

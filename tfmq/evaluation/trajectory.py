@@ -11,6 +11,7 @@ can be anything the engine returns.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from pathlib import Path
@@ -70,6 +71,55 @@ def _per_sample_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() - b.double()).pow(2).flatten(1).mean(1).sqrt()
 
 
+class _RangeRecorder:
+    """Min/max of the input of each named layer of ``unet``, one row per ``step()`` (forward pre-hooks that
+    record only inside ``with recorder:``)."""
+
+    def __init__(self, unet: nn.Module, names: Sequence[str]):
+        self.names = list(names)
+        modules = dict(unet.named_modules())
+        unknown = [n for n in self.names if n not in modules]
+        if unknown:
+            raise ValueError(f"layers {unknown} not found in the UNet; expected names from unet.named_modules()")
+        self.mins: list[list[float]] = []
+        self.maxs: list[list[float]] = []
+        self._lo: dict[str, float] = {}
+        self._hi: dict[str, float] = {}
+        self._on = False
+        self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str):
+        def fn(module, inputs):
+            if not self._on:
+                return
+            x = inputs[0].detach()
+            lo, hi = float(x.min()), float(x.max())
+            self._lo[name] = min(lo, self._lo.get(name, lo))
+            self._hi[name] = max(hi, self._hi.get(name, hi))
+
+        return fn
+
+    def __enter__(self) -> "_RangeRecorder":
+        self._lo.clear()
+        self._hi.clear()
+        self._on = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._on = False
+        self.mins.append([self._lo.get(n, float("nan")) for n in self.names])
+        self.maxs.append([self._hi.get(n, float("nan")) for n in self.names])
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def result(self, timesteps, num_samples: int, seed: int) -> dict:
+        return {"names": self.names, "timesteps": [int(t) for t in timesteps],
+                "min": torch.tensor(self.mins, dtype=torch.float64), "max": torch.tensor(self.maxs, dtype=torch.float64),
+                "num_samples": num_samples, "seed": seed}
+
+
 @torch.no_grad()
 def trajectory_deviation(
     fp: nn.Module,
@@ -83,6 +133,7 @@ def trajectory_deviation(
     unet_kwargs: dict | None = None,
     plot_path: str | Path | None = None,
     progress: bool = False,
+    range_layers: Sequence[str] | None = None,
 ) -> dict:
     """FP vs quantized sampling trajectories from the same initial noise and per-step noise.
 
@@ -95,6 +146,9 @@ def trajectory_deviation(
         ``rmse[k]`` / ``cos[k]`` (mean over samples) between FP and quantized ``x`` after step k
         (k = 0 is the shared ``x_T``), ``local_rmse[k]``: quantized single step taken from the FP
         ``x_t`` vs the FP ``x_{t-1}`` (error without accumulation), ``timesteps``, and settings.
+        With ``range_layers``, also ``activation_ranges``: ``{"fp": ..., "q": ...}``, each what
+        ``activation_ranges`` returns for that model, recorded on the same passes (each model along its
+        own trajectory, the same one ``activation_ranges`` would sample), so no extra sampling.
     """
     from tqdm.auto import tqdm
 
@@ -104,17 +158,25 @@ def trajectory_deviation(
     sched_q = copy.deepcopy(sched_fp)
     x_fp, x_q = x0.clone(), x0.clone()
     rmse, cos, local = [0.0], [1.0], []
-    for i, t in enumerate(tqdm(sched_fp.timesteps, disable=not progress, leave=False, desc="trajectory")):
-        sched_local = copy.deepcopy(sched_fp)  # FP history, so multistep schedulers stay comparable
-        eps_q_on_fp = _eps(q, sched_local, x_fp, t, class_labels, unet_kwargs)
-        x_local = sched_local.step(eps_q_on_fp, t, x_fp, **_step_kwargs(sched_local, eta, _step_generator(seed, i)))[0]
-        x_fp = sched_fp.step(_eps(fp, sched_fp, x_fp, t, class_labels, unet_kwargs), t, x_fp,
-                             **_step_kwargs(sched_fp, eta, _step_generator(seed, i)))[0]
-        x_q = sched_q.step(_eps(q, sched_q, x_q, t, class_labels, unet_kwargs), t, x_q,
-                           **_step_kwargs(sched_q, eta, _step_generator(seed, i)))[0]
-        rmse.append(float(_per_sample_rmse(x_fp, x_q).mean()))
-        cos.append(float(_cosine(x_fp.flatten(1), x_q.flatten(1)).mean()))
-        local.append(float(_per_sample_rmse(x_local, x_fp).mean()))
+    rec = {} if range_layers is None else {"fp": _RangeRecorder(fp, range_layers), "q": _RangeRecorder(q, range_layers)}
+    own = rec.get if rec else (lambda tag: contextlib.nullcontext())
+    try:
+        for i, t in enumerate(tqdm(sched_fp.timesteps, disable=not progress, leave=False, desc="trajectory")):
+            sched_local = copy.deepcopy(sched_fp)  # FP history, so multistep schedulers stay comparable
+            eps_q_on_fp = _eps(q, sched_local, x_fp, t, class_labels, unet_kwargs)
+            x_local = sched_local.step(eps_q_on_fp, t, x_fp, **_step_kwargs(sched_local, eta, _step_generator(seed, i)))[0]
+            with own("fp"):
+                eps_fp = _eps(fp, sched_fp, x_fp, t, class_labels, unet_kwargs)
+            x_fp = sched_fp.step(eps_fp, t, x_fp, **_step_kwargs(sched_fp, eta, _step_generator(seed, i)))[0]
+            with own("q"):
+                eps_q = _eps(q, sched_q, x_q, t, class_labels, unet_kwargs)
+            x_q = sched_q.step(eps_q, t, x_q, **_step_kwargs(sched_q, eta, _step_generator(seed, i)))[0]
+            rmse.append(float(_per_sample_rmse(x_fp, x_q).mean()))
+            cos.append(float(_cosine(x_fp.flatten(1), x_q.flatten(1)).mean()))
+            local.append(float(_per_sample_rmse(x_local, x_fp).mean()))
+    finally:
+        for r in rec.values():
+            r.remove()
     out = {
         "rmse": rmse,
         "cos": cos,
@@ -128,6 +190,8 @@ def trajectory_deviation(
         "eta": eta,
         "final_rmse": rmse[-1],
     }
+    if rec:
+        out["activation_ranges"] = {tag: r.result(sched_fp.timesteps, num_samples, seed) for tag, r in rec.items()}
     if plot_path is not None:
         from tfmq.evaluation.plots import plot_trajectory_deviation
 
@@ -170,46 +234,18 @@ def activation_ranges(
     from tqdm.auto import tqdm
 
     names = list(layer_names) if layer_names is not None else default_activation_layers(unet)
-    modules = dict(unet.named_modules())
-    unknown = [n for n in names if n not in modules]
-    if unknown:
-        raise ValueError(f"layers {unknown} not found in the UNet; expected names from unet.named_modules()")
-    cur_min: dict[str, float] = {}
-    cur_max: dict[str, float] = {}
-
-    def hook(name):
-        def fn(module, inputs):
-            x = inputs[0].detach()
-            lo, hi = float(x.min()), float(x.max())
-            cur_min[name] = min(lo, cur_min.get(name, lo))
-            cur_max[name] = max(hi, cur_max.get(name, hi))
-
-        return fn
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    rec = _RangeRecorder(unet, names)
     if class_labels is not None:
         class_labels = class_labels.to(_device_dtype(unet)[0])
     sched, x = _prepare(unet, scheduler, num_inference_steps, num_samples, seed)
-    mins, maxs = [], []
     try:
         for i, t in enumerate(tqdm(sched.timesteps, disable=not progress, leave=False, desc="activation ranges")):
-            cur_min.clear()
-            cur_max.clear()
-            eps = _eps(unet, sched, x, t, class_labels, unet_kwargs)
-            mins.append([cur_min.get(n, float("nan")) for n in names])
-            maxs.append([cur_max.get(n, float("nan")) for n in names])
+            with rec:
+                eps = _eps(unet, sched, x, t, class_labels, unet_kwargs)
             x = sched.step(eps, t, x, **_step_kwargs(sched, eta, _step_generator(seed, i)))[0]
     finally:
-        for h in handles:
-            h.remove()
-    out = {
-        "names": names,
-        "timesteps": [int(t) for t in sched.timesteps],
-        "min": torch.tensor(mins, dtype=torch.float64),
-        "max": torch.tensor(maxs, dtype=torch.float64),
-        "num_samples": num_samples,
-        "seed": seed,
-    }
+        rec.remove()
+    out = rec.result(sched.timesteps, num_samples, seed)
     if plot_path is not None:
         from tfmq.evaluation.plots import plot_activation_ranges
 

@@ -153,14 +153,49 @@ def calibrate_activations(unet: nn.Module, calib, config: QuantConfig | None = N
     if cfg.cached_temporal_features:
         t, cl = tiar_inputs(calib)
         stats["cached_temporal_features"] = install_feature_cache(unet, t, cl)
-    correction = resolve_step("correction", state.recipe, cfg)
-    if correction != "none":  # on the finished model (weights and activations quantized)
-        enable_inference(unet)
-        stats["correction"] = {"mode": correction, **get_step("correction", correction)(ctx)}
+    stats.update(_correct(unet, ctx, state))
     stats["seconds"] = time.perf_counter() - t0
     if capped and cfg.act_bits is not None:
         stats["iters_capped"] = capped
     state.stages_done.append("activations")
+    state.stats["activations"] = stats
+    enable_inference(unet)
+    return stats
+
+
+def _correct(unet: nn.Module, ctx: StepContext, state) -> dict[str, Any]:
+    """The recipe's ``correction`` step on the finished model (weights and activations quantized)."""
+    correction = resolve_step("correction", state.recipe, state.config)
+    if correction == "none":
+        return {}
+    enable_inference(unet)
+    return {"correction": {"mode": correction, **get_step("correction", correction)(ctx)}}
+
+
+def adopt_activations(path, fp_unet: nn.Module, calib, config: QuantConfig, device=None, progress: bool = True) -> dict[str, Any]:
+    """Stages 1-3 of ``config`` taken from another config's finished checkpoint, then ``config``'s correction.
+
+    The checkpoint at ``path`` must come from a config that runs the same TIAR, block reconstruction and
+    activation step (``tfmq.quant.share.same_activations``: e.g. ``qdiffusion`` for ``ptqd``, whose
+    recipe only adds a correction after them) and carry no correction itself; anything else is a
+    ``CheckpointMismatchError`` naming the fields that differ. ``fp_unet`` is prepared with ``config``,
+    gets every quantizer as saved and is then corrected on ``calib`` as ``calibrate_activations`` would
+    (the same numbers as quantizing ``config`` from scratch: tests/test_share.py).
+
+    Returns:
+        the activation stage's stats: the saved ones, the correction's (``correction``, ``correction_s``)
+        and ``adopted_from`` (the checkpoint path and its method).
+    """
+    from .checkpoint import _load
+
+    unet = _load(path, fp_unet, device, config, "activations")
+    state = get_state(unet)
+    ctx, _ = _context(unet, calib, state, "activations", device, progress)
+    t0 = time.perf_counter()
+    corr = _correct(unet, ctx, state)
+    stats = {k: v for k, v in state.stats.get("activations", {}).items() if k != "correction"}
+    stats.update(corr, correction_s=time.perf_counter() - t0,
+                 adopted_from={"path": str(path), "method": state.stats["activations_from"]["config"]["method"]})
     state.stats["activations"] = stats
     enable_inference(unet)
     return stats

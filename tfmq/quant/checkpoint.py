@@ -264,6 +264,25 @@ def _check_weight_transfer(path, header: dict[str, Any], saved: QuantConfig, wan
         )
 
 
+def _check_activation_transfer(path, header: dict[str, Any], saved: QuantConfig, wanted: QuantConfig) -> None:
+    """A finished checkpoint taken as another config's stages 1-3: only before a correction, and only when
+    ``wanted`` runs the same stages 1-3 (``tfmq.quant.share.same_activations``)."""
+    from .share import activation_identity_differences
+
+    if "activations" not in header["stages_done"]:
+        raise CheckpointMismatchError(f"{path}: its activations are not calibrated (done: {', '.join(header['stages_done'])}); "
+                                      "adopt a finished checkpoint")
+    if header.get("noise_correction"):
+        raise CheckpointMismatchError(f"{path}: it carries a noise correction ({saved.method}); adopt the checkpoint of a "
+                                      "method without a correction step (e.g. qdiffusion for ptqd)")
+    diffs = activation_identity_differences(saved, wanted)
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{path}: stages 1-3 of this checkpoint ({saved.method} {saved.bits_name}) are not those of the config "
+            f"passed ({wanted.method} {wanted.bits_name}): {'; '.join(diffs[:4])}; quantize that config's own activations"
+        )
+
+
 def load(path: str | os.PathLike, fp_unet: nn.Module, device=None, config: QuantConfig | None = None) -> nn.Module:
     """Rebuild the quantized model saved at ``path`` on ``fp_unet`` (modified in place).
 
@@ -281,6 +300,13 @@ def load(path: str | os.PathLike, fp_unet: nn.Module, device=None, config: Quant
             The files, the header and the FP model are checked before ``fp_unet`` is touched; a
             damaged quantizer entry shows after it has been prepared (start again from a fresh one).
     """
+    return _load(path, fp_unet, device, config, "weights")
+
+
+def _load(path, fp_unet: nn.Module, device, config: QuantConfig | None, transfer: str) -> nn.Module:
+    """``load``; ``transfer``: what a config other than the saved one may take over: ``weights`` (a
+    weight-stage checkpoint, fresh activation quantizers) or ``activations`` (a finished checkpoint
+    without a correction, every quantizer as saved: ``tfmq.adopt_activations``)."""
     header = read_header(path)
     hfile, wfile = Path(path) / HEADER_NAME, Path(path) / WEIGHTS_NAME
     _check_model(header, fp_unet, path)
@@ -289,9 +315,12 @@ def load(path: str | os.PathLike, fp_unet: nn.Module, device=None, config: Quant
         saved_config = QuantConfig.from_dict(header["config"])
     except ConfigError as e:
         raise CheckpointError(f"{hfile}: config: {e}") from None
-    weights_only = config is not None and _flat_config(config) != _flat_config(saved_config)
+    other = config is not None and (transfer == "activations" or _flat_config(config) != _flat_config(saved_config))
+    weights_only = other and transfer == "weights"
     if weights_only:
         _check_weight_transfer(path, header, saved_config, config)
+    elif other:
+        _check_activation_transfer(path, header, saved_config, config)
     else:
         config = saved_config
     if device is not None:
@@ -332,6 +361,8 @@ def load(path: str | os.PathLike, fp_unet: nn.Module, device=None, config: Quant
     state.stats = header.get("stats", {})
     if weights_only:
         state.stats = {**state.stats, "weights_from": {"path": str(path), "config": saved_config.to_dict()}}
+    elif other:
+        state.stats = {**state.stats, "activations_from": {"path": str(path), "config": saved_config.to_dict()}}
     if "activations" in state.stages_done:
         enable_inference(fp_unet)
     else:

@@ -68,12 +68,50 @@ def same_weights(a: QuantConfig, b: QuantConfig) -> bool:
     return weight_identity(a) == weight_identity(b)
 
 
-def weight_identity_differences(a: QuantConfig, b: QuantConfig) -> list[str]:
-    """``field: a vs b`` lines for every weight-identity field in which ``a`` and ``b`` differ."""
+def _differences(identity, a: QuantConfig, b: QuantConfig) -> list[str]:
     from .api import _flat
 
-    fa, fb = _flat(weight_identity(a)), _flat(weight_identity(b))
+    fa, fb = _flat(identity(a)), _flat(identity(b))
     return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def weight_identity_differences(a: QuantConfig, b: QuantConfig) -> list[str]:
+    """``field: a vs b`` lines for every weight-identity field in which ``a`` and ``b`` differ."""
+    return _differences(weight_identity, a, b)
+
+
+#: the recipe steps stages 1-3 run (the ``correction`` after them is each setting's own)
+ACTIVATION_STEPS = ("temporal", "weight_set", "block_recon", "activations")
+
+
+def activation_identity(config: QuantConfig) -> dict[str, Any]:
+    """The fields of ``config`` (resolved against its recipe) that decide stages 1-3 up to the recipe's
+    ``correction``: every field but the method's name, with the recipe's steps resolved.
+
+    Two configs with equal identities run the same TIAR, BRECQ and activation step on the same inputs,
+    so one's finished model is the other's before its correction: Q-Diffusion's model is PTQD's before
+    PTQD's noise correction (tests/test_share.py checks it tensor for tensor).
+    """
+    from .prepare import resolve_config
+    from .recipes import get_recipe
+    from .steps import resolve_step
+
+    recipe = get_recipe(config.method)
+    d = resolve_config(config).to_dict()
+    for k in ("method", "version", "tiar", "fsc"):  # the two ablation switches enter through the resolved steps
+        d.pop(k, None)
+    d["steps"] = {k: resolve_step(k, recipe, config) for k in ACTIVATION_STEPS}
+    return d
+
+
+def same_activations(a: QuantConfig, b: QuantConfig) -> bool:
+    """True when ``a`` and ``b`` run the same stages 1-3 (they may differ in the correction after them)."""
+    return activation_identity(a) == activation_identity(b)
+
+
+def activation_identity_differences(a: QuantConfig, b: QuantConfig) -> list[str]:
+    """``field: a vs b`` lines for every activation-identity field in which ``a`` and ``b`` differ."""
+    return _differences(activation_identity, a, b)
 
 
 def _hash_files(h, root: Path, patterns: tuple[str, ...] = ("*",)) -> None:
@@ -94,18 +132,24 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def weight_key(config: QuantConfig, fp_dir: str | os.PathLike, calib_dir: str | os.PathLike, device) -> tuple[str, dict]:
+def weight_key(config: QuantConfig, fp_dir: str | os.PathLike, calib_dir: str | os.PathLike, device,
+               upto: str = "blocks") -> tuple[str, dict]:
     """``(key, description)``: the store key of ``config``'s weight stages on these inputs.
 
     ``fp_dir``: the FP model folder (its ``unet/`` files are hashed, or the whole folder for a bare
-    UNet). ``calib_dir``: the calibration set directory (every file hashed).
+    UNet). ``calib_dir``: the calibration set directory (every file hashed). ``upto``: ``blocks`` (the
+    weight stages, ``weight_identity``) or ``activations`` (stages 1-3 before the correction,
+    ``activation_identity``).
     """
+    if upto not in ("blocks", "activations"):
+        raise ValueError(f"upto={upto!r}: expected 'blocks' or 'activations'")
     fp = Path(fp_dir)
     unet_dir = fp / "unet" if (fp / "unet").is_dir() else fp
     hu, hc = hashlib.sha256(), hashlib.sha256()
     _hash_files(hu, unet_dir)
     _hash_files(hc, Path(calib_dir))
-    desc = {"identity": weight_identity(config), "max_iters": max_iters_from_env(),
+    identity = weight_identity(config) if upto == "blocks" else {"upto": upto, **activation_identity(config)}
+    desc = {"identity": identity, "max_iters": max_iters_from_env(),
             "fp_unet_sha256": hu.hexdigest(), "calib_sha256": hc.hexdigest(), "code_sha256": code_fingerprint(),
             "device": torch.device(device).type}
     key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
@@ -125,11 +169,12 @@ class WeightStore:
     def entry(self, key: str) -> Path:
         return self.root / key
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The entry's record (``entry.json``, with ``path``) if it is complete, else ``None``."""
+    def get(self, key: str, parts: tuple[str, ...] = ("tib", "blocks")) -> dict[str, Any] | None:
+        """The entry's record (``entry.json``, with ``path``) if it is complete (every checkpoint dir of
+        ``parts`` there), else ``None``."""
         d = self.entry(key)
         rec = d / "entry.json"
-        if not rec.is_file() or not all((d / s / "quant_config.json").is_file() for s in ("tib", "blocks")):
+        if not rec.is_file() or not all((d / s / "quant_config.json").is_file() for s in parts):
             return None
         try:
             doc = json.loads(rec.read_text())
@@ -149,7 +194,8 @@ class WeightStore:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def put(self, key: str, stage_dirs: dict[str, str | os.PathLike], record: dict[str, Any]) -> Path:
-        """Copy the ``tib`` and ``blocks`` checkpoint dirs into the entry ``key`` and write its record, in one rename."""
+        """Copy the checkpoint dirs (``{name: dir}``: ``tib`` and ``blocks``, or ``model``) into the entry ``key``
+        and write its record, in one rename."""
         import shutil
 
         from ..io import atomic_dir, atomic_write_json
