@@ -57,7 +57,8 @@ if [ "${TFMQ_WARM:-1}" = 1 ] && [ -z "${TFMQ_WARM_SOCKET:-}" ]; then
   else echo "[tfmq] the warm server did not start (.dvc/tmp/warm.log); every stage starts its own process"; unset TFMQ_WARM_SOCKET; fi
 fi
 T1=$(date +%s)
-dvc repro "$@"
+# independent stages side by side, one torch thread each (flows/repro.py; TFMQ_JOBS=1: plain serial dvc repro)
+python -m flows.repro --jobs "${TFMQ_JOBS:-$(nproc)}" "$@"
 T2=$(date +%s)
 echo
 python scripts/stage_times.py "$TFMQ_TIMINGS_LOG" --total $((T2 - T0)) --repro $((T2 - T1))

@@ -43,7 +43,10 @@ def main() -> None:
     comp = sum(r["compute_s"] for r in recs)
     print(f"\n{len(recs)} stage processes: {proc:.1f} s in processes, {comp:.1f} s compute "
           f"({proc - comp:.1f} s = {100 * (proc - comp) / proc:.1f} % per-process overhead)")
-    if args.total:
+    if args.total and comp > args.total:
+        print(f"run wall time {args.total:.1f} s ({args.total / 60:.1f} min): {comp:.1f} s of compute in it, stages side by "
+              f"side ({comp / args.total:.2f} x the wall)" + (f"; dvc repro alone {args.repro:.1f} s" if args.repro else ""))
+    elif args.total:
         over = args.total - comp
         print(f"run wall time {args.total:.1f} s ({args.total / 60:.1f} min); orchestration overhead "
               f"(wall - compute) {over:.1f} s = {100 * over / args.total:.1f} %"
@@ -59,7 +62,16 @@ def breakdown(recs: list[dict], total: float | None, repro: float | None) -> Non
     mlflow = sum(r["mlflow_s"] for r in recs)
     rest = sum(r["main_s"] - r["compute_s"] - r["mlflow_s"] for r in recs)
     spans = sorted((r["start"], r["end"]) for r in recs)
-    between = sum(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))  # DVC, process exit + spawn
+    covered, reach = 0.0, spans[0][0]  # the union of the stage processes' spans (they may overlap: flows.repro)
+    for a, b in spans:
+        covered += max(0.0, b - max(a, reach))
+        reach = max(reach, b)
+    between = (spans[-1][1] - spans[0][0]) - covered  # no stage process alive: DVC, process exit + spawn
+    busy = sum(b - a for a, b in spans)
+    if busy > covered * 1.01:
+        print(f"\nstages side by side: {busy:.1f} s of stage processes in {covered:.1f} s of wall "
+              f"(on average {busy / covered:.2f} at a time); the rows below are summed over processes, so together "
+              "they exceed the wall time")
     rows = [
         ("compute (inside tfmq calls)", sum(r["compute_s"] for r in recs)),
         ("process start-up: python + torch/diffusers/tfmq imports", startup),

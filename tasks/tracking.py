@@ -7,12 +7,13 @@ the repo under ``.dvc/tmp/exps/``) still logs into the same store. ``MLFLOW_TRAC
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tasks.common import ORCH_TIMES, logger, pipeline_task, timed
 from tasks.setting import Setting
@@ -86,8 +87,27 @@ def log_run(setting: Setting, section, pipeline_params: dict[str, Any]) -> str:
     ``section`` is params.yaml's ``mlflow``; ``pipeline_params`` every other section but ``quant``,
     logged as the run's params next to the setting's own resolved ``QuantConfig``.
     """
-    with timed(ORCH_TIMES, "mlflow"):  # import included: part of what MLflow costs a stage
+    with timed(ORCH_TIMES, "mlflow"), _store_lock(tracking_uri(section)):  # import included: part of what MLflow costs a stage
         return _log_run(setting, section, pipeline_params)
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One writer at a time on a SQLite store (``<db>.lock``): stages run side by side (flows.repro) would
+    otherwise meet SQLite's "database is locked" after its 5 s busy timeout. Other stores need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri[len("sqlite:///"):].split("?")[0] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _log_run(setting: Setting, section, pipeline_params: dict[str, Any]) -> str:
