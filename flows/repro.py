@@ -1,8 +1,8 @@
 """``dvc repro`` with independent stages run side by side: ``python -m flows.repro --jobs 2 [targets]``.
 
 DVC runs one stage at a time, and one stage of this pipeline keeps about one core busy: torch's second
-thread buys ~6 % on a quantize call of the embedded models (many small kernels), 1.3x on sampling. So on a
-2-core machine the default grid spends most of its wall time with one core idle. DVC itself allows
+thread buys 1.19x on a quantize call of the embedded models (many small kernels), a second stage beside it
+1.76x (benchmarks/bench_stage_threads.py). So on a 2-core machine one stage at a time leaves a core idle. DVC itself allows
 concurrent ``dvc repro`` processes: it releases the repository lock while a stage's command runs and keeps
 per-output read/write locks (``dvc --wait-for-lock repro --single-item <stage>`` waits for the lock instead
 of failing). This runner:
@@ -16,8 +16,8 @@ of failing). This runner:
    is left, one at a time), so ``dvc.lock`` is exactly what a serial run writes.
 
 Each stage gets ``TFMQ_TORCH_THREADS`` = cores // jobs (at least 1) unless the caller set it: two
-2-thread processes on 2 cores oversubscribe them (OpenMP threads then wait on each other; measured 3.5x
-slower). The numbers do not change: every stage computes what it computes serially (the shared-store
+2-thread processes on 2 cores oversubscribe them (OpenMP threads then wait on each other: 4.7x slower per
+process, same benchmark). The numbers do not change: every stage computes what it computes serially (the shared-store
 entries are keyed by content and taken under a lock; docs/method.md section 12). A stage that fails stops
 new starts; the runner waits for the running ones and exits with the failed stage's code.
 """
