@@ -98,6 +98,7 @@ def make_workspace(dest: Path, params: dict[str, Any]) -> Path:
     (dest / "results" / "studies").mkdir(parents=True, exist_ok=True)
     (dest / "results" / "studies" / "iterations.json").write_text('{"study": "iterations", "rows": []}')
     (dest / "results" / "studies" / "mechanisms.json").write_text('{"study": "mechanisms", "rows": []}')
+    (dest / "results" / "studies" / "replicate.json").write_text('{"study": "replicate", "rows": []}')
     (dest / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
     for r in (1, 2, 3):
         (dest / "benchmarks" / "results" / f"gpu-h200-run{r}.json").write_text("{}")
